@@ -1,0 +1,3 @@
+"""fleetvisor: a control plane for fleets of virtualization hosts."""
+
+__version__ = "0.1.0"

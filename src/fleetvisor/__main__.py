@@ -1,0 +1,3 @@
+from fleetvisor.cli.main import main
+
+main()

@@ -1,0 +1,66 @@
+"""The agent's HTTP API, called by the controller with the token it was given."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from fleetvisor import __version__
+from fleetvisor.agent.core import Agent
+from fleetvisor.api import problems
+from fleetvisor.errors import Unauthorized
+from fleetvisor.model.specs import InstanceReport, InstanceSpec, ResourceVector
+
+bearer = HTTPBearer(auto_error=False)
+
+
+def create_agent_app(agent: Agent, token: str) -> FastAPI:
+    app = FastAPI(title="fleetvisor agent", version=__version__)
+    problems.install(app)
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise Unauthorized("only the controller may call this agent")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "driver": agent.driver.kind}
+
+    @app.get("/v1/instances", dependencies=[Depends(authorized)])
+    async def list_instances() -> list[InstanceReport]:
+        return await agent.list()
+
+    @app.post("/v1/instances", dependencies=[Depends(authorized)])
+    async def create(spec: InstanceSpec) -> InstanceReport:
+        return await agent.create(spec)
+
+    @app.post("/v1/instances/{instance_id}/start", dependencies=[Depends(authorized)])
+    async def start(instance_id: str) -> InstanceReport:
+        return await agent.start(instance_id)
+
+    @app.post("/v1/instances/{instance_id}/stop", dependencies=[Depends(authorized)])
+    async def stop(instance_id: str) -> InstanceReport:
+        return await agent.stop(instance_id)
+
+    @app.post("/v1/instances/{instance_id}/resize", dependencies=[Depends(authorized)])
+    async def resize(instance_id: str, body: ResourceVector) -> InstanceReport:
+        return await agent.resize(instance_id, body.to_resources())
+
+    @app.get("/v1/instances/{instance_id}/stats", dependencies=[Depends(authorized)])
+    async def stats(instance_id: str) -> dict[str, float]:
+        return await agent.stats(instance_id)
+
+    @app.delete("/v1/instances/{instance_id}", status_code=204, dependencies=[Depends(authorized)])
+    async def destroy(instance_id: str) -> None:
+        await agent.destroy(instance_id)
+
+    @app.exception_handler(Exception)
+    async def _driver_failure(_request: Request, exc: Exception):  # type: ignore[no-untyped-def]
+        # A driver failure is the controller's business to handle (it rolls back), so it
+        # is reported as 409 with the cause rather than as a 5xx that means "retry".
+        return problems.problem(409, "driver-error", "The driver failed", str(exc))
+
+    return app

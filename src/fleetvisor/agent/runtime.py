@@ -1,0 +1,185 @@
+"""The agent process: serve the agent API, register, heartbeat, obey reconciliation.
+
+start driver -> bind API socket -> register (retry with back-off)
+  -> every heartbeat interval: send metrics + instance report
+     <- `destroy`: instances the fleet does not know any more (removed here)
+     <- 401/404: the controller forgot us (new database?) -> register again
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from fleetvisor.agent.api import create_agent_app
+from fleetvisor.agent.core import Agent
+from fleetvisor.client import ApiError, FleetClient
+from fleetvisor.clock import Clock, RealClock
+from fleetvisor.drivers.base import Driver, load_driver
+
+log = logging.getLogger("fleetvisor.agent")
+
+
+class AgentRuntime:
+    def __init__(
+        self,
+        *,
+        name: str,
+        controller_url: str,
+        token: str,
+        driver: Driver,
+        state_dir: Path,
+        cluster: str = "default",
+        labels: dict[str, str] | None = None,
+        listen: str = "127.0.0.1",
+        port: int = 0,
+        advertise: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.name = name
+        self.cluster = cluster
+        self.labels = labels or {}
+        self.clock = clock or RealClock()
+        self.agent = Agent(driver)
+        self.state_dir = state_dir
+        self.controller = FleetClient(controller_url, token)
+        self.host_client: FleetClient | None = None
+        self.agent_token = _load_or_create_secret(state_dir / "agent.token")
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((listen, port))
+        self.url = f"http://{advertise or listen}:{self.sock.getsockname()[1]}"
+        self.heartbeat_interval = 2.0
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        app = create_agent_app(self.agent, self.agent_token)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        serving = asyncio.create_task(server.serve(sockets=[self.sock]))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._register_until_done()
+            heartbeats = asyncio.create_task(self._heartbeat_loop())
+            await self._stop.wait()
+            heartbeats.cancel()
+        finally:
+            server.should_exit = True
+            await serving
+            await self.agent.driver.close()
+            self.controller.close()
+            if self.host_client:
+                self.host_client.close()
+            log.info("agent %s stopped", self.name)
+
+    async def _register_until_done(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                await self.register()
+                return
+            except ApiError as exc:
+                if 400 <= exc.status < 500:
+                    raise SystemExit(f"registration refused: {exc.detail}") from exc
+                log.warning("registration failed (%s); retrying in %.1fs", exc, delay)
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def register(self) -> None:
+        info = self.agent.driver.host_info()
+        reports = await self.agent.list()
+        body: dict[str, Any] = {
+            "name": self.name,
+            "cluster": self.cluster,
+            "agent_url": self.url,
+            "agent_token": self.agent_token,
+            "info": info.model_dump(),
+            "labels": self.labels,
+            "instances": [r.model_dump() for r in reports],
+        }
+        answer = await asyncio.to_thread(self.controller.register_host, body)
+        if self.host_client:
+            self.host_client.close()
+        self.host_client = FleetClient(self.controller.url, answer["token"])
+        self.heartbeat_interval = float(answer["heartbeat_interval"])
+        await self._destroy(answer.get("destroy", []))
+        log.info("registered as %s at %s (%d instances)", self.name, self.url, len(reports))
+
+    async def heartbeat(self) -> None:
+        assert self.host_client is not None
+        reports = await self.agent.list()
+        body = {
+            "metrics": await self.agent.host_metrics(),
+            "instances": [r.model_dump() for r in reports],
+        }
+        answer = await asyncio.to_thread(self.host_client.heartbeat, self.name, body)
+        self.heartbeat_interval = float(answer["heartbeat_interval"])
+        await self._destroy(answer.get("destroy", []))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self.clock.sleep(self.heartbeat_interval)
+            try:
+                await self.heartbeat()
+            except ApiError as exc:
+                if exc.status in (401, 403, 404):
+                    log.warning("controller no longer knows this host (%s); registering again", exc)
+                    await self._register_until_done()
+                else:
+                    log.warning("heartbeat failed: %s", exc)
+
+    async def _destroy(self, instance_ids: list[str]) -> None:
+        for instance_id in instance_ids:
+            log.info("removing %s: the fleet does not know it", instance_id)
+            await self.agent.destroy(instance_id)
+
+
+def _load_or_create_secret(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = "fvg_" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    return secret
+
+
+def run_agent(
+    *,
+    name: str,
+    controller_url: str,
+    token: str,
+    driver_kind: str,
+    state_dir: Path,
+    driver_options: dict[str, str],
+    cluster: str,
+    labels: dict[str, str],
+    listen: str,
+    port: int,
+) -> None:
+    clock = RealClock()
+    driver = load_driver(driver_kind, clock=clock, state_dir=state_dir, options=driver_options)
+    runtime = AgentRuntime(
+        name=name,
+        controller_url=controller_url,
+        token=token,
+        driver=driver,
+        state_dir=state_dir,
+        cluster=cluster,
+        labels=labels,
+        listen=listen,
+        port=port,
+        clock=clock,
+    )
+    asyncio.run(runtime.run())

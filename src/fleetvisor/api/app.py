@@ -1,0 +1,391 @@
+"""The controller's REST API (FastAPI). Thin: every route calls one controller service.
+
+Long work (create, start, stop, delete) answers 202 with an Operation; clients poll
+GET /v1/operations/{id} or follow /v1/events/stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from fleetvisor import __version__
+from fleetvisor.api import problems
+from fleetvisor.api.auth import Admin, controller_of, require_host
+from fleetvisor.api.metrics import FleetCollector, render
+from fleetvisor.api.schemas import (
+    ClusterIn,
+    ClusterOut,
+    EventOut,
+    GroupIn,
+    GroupOut,
+    HeartbeatIn,
+    HeartbeatOut,
+    HostOut,
+    HostRegisterIn,
+    HostRegisterOut,
+    HostStateIn,
+    InstanceAccepted,
+    InstanceIn,
+    InstanceOut,
+    OperationOut,
+    Problem,
+    SiteIn,
+    SiteOut,
+    cluster_out,
+    event_out,
+    group_out,
+    host_out,
+    instance_out,
+    operation_out,
+    site_out,
+)
+from fleetvisor.controller import events
+from fleetvisor.controller.core import Controller
+from fleetvisor.controller.instances import InstanceRequest
+from fleetvisor.errors import Forbidden
+from fleetvisor.model.entities import HostState, PowerState
+from fleetvisor.store.tables import HostRow
+
+MAX_ID = 2**62
+ERRORS = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}}
+    for code in (401, 403, 404, 409, 422)
+}
+NameParam = Annotated[str, Query(max_length=63)]
+After = Annotated[int, Query(ge=0, le=MAX_ID, description="only events with a larger id")]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Filter = Annotated[str | None, Query(max_length=128)]
+
+
+def create_app(controller: Controller, *, run_loops: bool = True) -> FastAPI:
+    """The ASGI app. With run_loops, the controller's background loops live with the app."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if run_loops:
+            await controller.start_loops()
+        try:
+            yield
+        finally:
+            if run_loops:
+                await controller.stop_loops()
+
+    app = FastAPI(
+        title="fleetvisor",
+        version=__version__,
+        lifespan=lifespan,
+        description="Control plane for fleets of virtualization hosts. Authenticate "
+        "with 'Authorization: Bearer TOKEN' (the admin token is in the controller's "
+        "state directory).",
+        responses=ERRORS,
+    )
+    app.state.controller = controller
+    collector = FleetCollector(controller)
+    app.state.collector = collector
+    problems.install(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        route = request.scope.get("route")
+        key = (request.method, getattr(route, "path", "unmatched"), str(response.status_code))
+        collector.requests[key] = collector.requests.get(key, 0) + 1
+        return response
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        """Liveness; the only endpoint that needs no token."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get(
+        "/metrics",
+        tags=["meta"],
+        dependencies=[Admin],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    def metrics() -> Response:
+        return Response(render(collector), media_type="text/plain; version=0.0.4")
+
+    app.include_router(_inventory_routes())
+    app.include_router(_host_routes())
+    app.include_router(_instance_routes())
+    app.include_router(_operation_routes())
+    app.include_router(_event_routes())
+    return app
+
+
+def _inventory_routes() -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["inventory"], dependencies=[Admin])
+
+    @router.get("/sites")
+    def list_sites(request: Request) -> list[SiteOut]:
+        return [site_out(row, n) for row, n in controller_of(request).inventory.sites()]
+
+    @router.post("/sites", status_code=201)
+    def create_site(request: Request, body: SiteIn) -> SiteOut:
+        return site_out(controller_of(request).inventory.create_site(body.name), 0)
+
+    @router.delete("/sites/{name}", status_code=204)
+    def delete_site(request: Request, name: str) -> None:
+        controller_of(request).inventory.delete_site(name)
+
+    @router.get("/clusters")
+    def list_clusters(request: Request) -> list[ClusterOut]:
+        return [cluster_out(*item) for item in controller_of(request).inventory.clusters()]
+
+    @router.post("/clusters", status_code=201)
+    def create_cluster(request: Request, body: ClusterIn) -> ClusterOut:
+        row = controller_of(request).inventory.create_cluster(body.name, body.site)
+        return cluster_out(row, body.site, 0)
+
+    @router.delete("/clusters/{name}", status_code=204)
+    def delete_cluster(request: Request, name: str) -> None:
+        controller_of(request).inventory.delete_cluster(name)
+
+    @router.get("/placement-groups")
+    def list_groups(request: Request) -> list[GroupOut]:
+        return [group_out(row, n) for row, n in controller_of(request).inventory.groups()]
+
+    @router.post("/placement-groups", status_code=201)
+    def create_group(request: Request, body: GroupIn) -> GroupOut:
+        row = controller_of(request).inventory.create_group(
+            body.name, body.policy, body.strength, body.scope, body.max_per_scope
+        )
+        return group_out(row, [])
+
+    @router.get("/placement-groups/{name}")
+    def get_group(request: Request, name: str) -> GroupOut:
+        row, members = controller_of(request).inventory.group(name)
+        return group_out(row, members)
+
+    @router.delete("/placement-groups/{name}", status_code=204)
+    def delete_group(request: Request, name: str) -> None:
+        controller_of(request).inventory.delete_group(name)
+
+    return router
+
+
+def _host_routes() -> APIRouter:
+    router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
+
+    @router.get("", dependencies=[Admin])
+    def list_hosts(request: Request) -> list[HostOut]:
+        controller = controller_of(request)
+        names = controller.names()
+        return [
+            host_out(h, names.clusters.get(h.cluster_id), names.instances_per_host.get(h.id, 0))
+            for h in controller.hosts.list()
+        ]
+
+    @router.get("/{name}", dependencies=[Admin])
+    def get_host(request: Request, name: str) -> HostOut:
+        controller = controller_of(request)
+        host = controller.hosts.get(name)
+        names = controller.names()
+        return host_out(
+            host, names.clusters.get(host.cluster_id), names.instances_per_host.get(host.id, 0)
+        )
+
+    @router.post("/{name}/state", dependencies=[Admin])
+    def set_host_state(request: Request, name: str, body: HostStateIn) -> HostOut:
+        host = controller_of(request).hosts.set_state(name, HostState(body.state))
+        return host_out(host)
+
+    @router.post("/register", dependencies=[Admin], status_code=201)
+    def register(request: Request, body: HostRegisterIn) -> HostRegisterOut:
+        """An agent joins (or rejoins) the fleet; it gets a host-scoped token back."""
+        controller = controller_of(request)
+        registration = controller.hosts.register(
+            name=body.name,
+            cluster=body.cluster,
+            agent_url=body.agent_url,
+            agent_token=body.agent_token,
+            info=body.info,
+            labels=body.labels,
+            instances=body.instances,
+        )
+        controller.runner.wake()
+        return HostRegisterOut(
+            host=host_out(registration.host, body.cluster),
+            token=registration.token,
+            heartbeat_interval=controller.settings.heartbeat_interval,
+            destroy=registration.destroy,
+        )
+
+    @router.post("/{name}/heartbeat")
+    def heartbeat(
+        request: Request,
+        name: str,
+        body: HeartbeatIn,
+        host: Annotated[HostRow, Depends(require_host)],
+    ) -> HeartbeatOut:
+        """Agents only, with their host token: liveness, metrics and instance report."""
+        if host.name != name:
+            raise Forbidden(f"this token belongs to host {host.name}, not {name}")
+        controller = controller_of(request)
+        result = controller.hosts.heartbeat(host.id, metrics=body.metrics, instances=body.instances)
+        if result.recover:
+            controller.runner.wake()
+        return HeartbeatOut(
+            heartbeat_interval=controller.settings.heartbeat_interval, destroy=result.destroy
+        )
+
+    return router
+
+
+def _instance_routes() -> APIRouter:
+    router = APIRouter(prefix="/v1/instances", tags=["instances"], dependencies=[Admin])
+
+    def out(controller: Controller, rows: list) -> list[InstanceOut]:  # type: ignore[type-arg]
+        names = controller.names()
+        return [
+            instance_out(
+                r, names.hosts.get(r.host_id or ""), names.groups.get(r.placement_group_id or "")
+            )
+            for r in rows
+        ]
+
+    @router.get("")
+    def list_instances(
+        request: Request, host: NameParam | None = None, status: NameParam | None = None
+    ) -> list[InstanceOut]:
+        controller = controller_of(request)
+        return out(controller, controller.instances.list(host=host, status=status))
+
+    @router.post("", status_code=202)
+    def create_instance(request: Request, body: InstanceIn) -> InstanceAccepted:
+        """Place and create an instance; answers at once with the create operation."""
+        controller = controller_of(request)
+        instance, op = controller.instances.create(
+            InstanceRequest(
+                name=body.name,
+                image=body.image,
+                resources=body.resources.to_resources(),
+                command=body.command,
+                env=body.env,
+                labels=body.labels,
+                driver=body.driver,
+                placement_group=body.placement_group,
+                start=body.start,
+            )
+        )
+        controller.runner.wake()
+        return InstanceAccepted(
+            instance=out(controller, [instance])[0], operation=operation_out(op)
+        )
+
+    @router.get("/{name}")
+    def get_instance(request: Request, name: str) -> InstanceOut:
+        controller = controller_of(request)
+        return out(controller, [controller.instances.get(name)])[0]
+
+    def power(request: Request, name: str, state: PowerState) -> OperationOut:
+        controller = controller_of(request)
+        op = controller.instances.set_power(name, state)
+        controller.runner.wake()
+        return operation_out(op)
+
+    @router.post("/{name}/start", status_code=202)
+    def start_instance(request: Request, name: str) -> OperationOut:
+        return power(request, name, PowerState.RUNNING)
+
+    @router.post("/{name}/stop", status_code=202)
+    def stop_instance(request: Request, name: str) -> OperationOut:
+        return power(request, name, PowerState.STOPPED)
+
+    @router.delete("/{name}", status_code=202)
+    def delete_instance(request: Request, name: str) -> OperationOut:
+        controller = controller_of(request)
+        op = controller.instances.delete(name)
+        controller.runner.wake()
+        return operation_out(op)
+
+    return router
+
+
+def _operation_routes() -> APIRouter:
+    router = APIRouter(prefix="/v1/operations", tags=["operations"], dependencies=[Admin])
+
+    @router.get("")
+    def list_operations(
+        request: Request,
+        state: NameParam | None = None,
+        instance: NameParam | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[OperationOut]:
+        rows = controller_of(request).operations(state=state, instance=instance, limit=limit)
+        return [operation_out(row) for row in rows]
+
+    @router.get("/{op_id}")
+    def get_operation(request: Request, op_id: str) -> OperationOut:
+        return operation_out(controller_of(request).operation(op_id))
+
+    return router
+
+
+def _event_routes() -> APIRouter:
+    router = APIRouter(prefix="/v1/events", tags=["events"], dependencies=[Admin])
+
+    @router.get("")
+    def list_events(
+        request: Request,
+        after: After = 0,
+        limit: Limit = 100,
+        kind: Filter = None,
+        subject: Filter = None,
+        tail: bool = False,
+    ) -> list[EventOut]:
+        """Events in id order; `tail=true` gives the newest `limit` instead of the oldest."""
+        with controller_of(request).db.read() as session:
+            rows = (
+                events.latest(session, limit)
+                if tail and not after
+                else events.since(session, after, limit, kind, subject)
+            )
+            return [event_out(row) for row in rows]
+
+    @router.get(
+        "/stream",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/x-ndjson": {}}}},
+    )
+    async def stream_events(
+        request: Request,
+        after: After = 0,
+        kind: Filter = None,
+        subject: Filter = None,
+        max_seconds: Annotated[float, Query(gt=0, le=86_400)] = 3600.0,
+    ) -> StreamingResponse:
+        """Follow the log: one JSON event per line, as they happen (polls the store)."""
+        controller = controller_of(request)
+
+        async def lines() -> AsyncIterator[bytes]:
+            last = after
+            started = controller.clock.monotonic()
+            while controller.clock.monotonic() - started < max_seconds:
+                rows = await asyncio.to_thread(_events_after, controller, last, kind, subject)
+                for row in rows:
+                    last = row.id
+                    yield (json.dumps(row.model_dump()) + "\n").encode()
+                if await request.is_disconnected():
+                    return
+                await controller.clock.sleep(0.25)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    return router
+
+
+def _events_after(
+    controller: Controller, after: int, kind: str | None, subject: str | None
+) -> list[EventOut]:
+    with controller.db.read() as session:
+        return [event_out(r) for r in events.since(session, after, 500, kind, subject)]

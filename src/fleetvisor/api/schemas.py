@@ -1,0 +1,275 @@
+"""Request and response bodies of the controller API, and row -> body conversions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from fleetvisor.model.specs import HostInfo, InstanceReport, ResourceVector, SafeStr
+from fleetvisor.store.tables import (
+    ClusterRow,
+    EventRow,
+    HostRow,
+    InstanceRow,
+    OperationRow,
+    PlacementGroupRow,
+    SiteRow,
+)
+
+Name = Annotated[SafeStr, StringConstraints(min_length=1, max_length=63)]
+Text255 = Annotated[SafeStr, StringConstraints(max_length=255)]
+ShortText = Annotated[SafeStr, StringConstraints(max_length=4096)]
+StringMap = Annotated[
+    dict[Annotated[SafeStr, StringConstraints(max_length=253)], ShortText], Field(max_length=256)
+]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class SiteIn(BaseModel):
+    name: Name
+
+
+class SiteOut(BaseModel):
+    id: str
+    name: str
+    clusters: int
+    created_at: float
+
+
+class ClusterIn(BaseModel):
+    name: Name
+    site: Name = "default"
+
+
+class ClusterOut(BaseModel):
+    id: str
+    name: str
+    site: str
+    hosts: int
+    created_at: float
+
+
+class HostOut(BaseModel):
+    id: str
+    name: str
+    cluster: str | None = None
+    state: str
+    driver: str
+    capabilities: list[str]
+    cpu_model: str
+    cpu_features: list[str]
+    labels: dict[str, str]
+    capacity: ResourceVector
+    allocated: ResourceVector
+    free: ResourceVector
+    agent_url: str
+    last_heartbeat: float
+    registered_at: float
+    metrics: dict[str, Any]
+    instances: int = 0
+
+
+class HostRegisterIn(BaseModel):
+    name: Name
+    cluster: Name = "default"
+    agent_url: Annotated[
+        SafeStr, StringConstraints(pattern=r"^https?://[^\s/]+(/.*)?$", max_length=255)
+    ]
+    agent_token: Annotated[SafeStr, StringConstraints(min_length=16, max_length=128)]
+    info: HostInfo
+    labels: StringMap = {}
+    instances: Annotated[list[InstanceReport], Field(max_length=10_000)] = []
+
+
+class HostRegisterOut(BaseModel):
+    host: HostOut
+    token: str
+    heartbeat_interval: float
+    destroy: list[str]
+
+
+class HeartbeatIn(BaseModel):
+    metrics: dict[str, float] = {}
+    instances: Annotated[list[InstanceReport], Field(max_length=10_000)] = []
+
+
+class HeartbeatOut(BaseModel):
+    heartbeat_interval: float
+    destroy: list[str]
+
+
+class HostStateIn(BaseModel):
+    state: Annotated[str, StringConstraints(pattern=r"^(ready|draining)$")]
+
+
+class InstanceIn(BaseModel):
+    name: Name
+    image: Annotated[Text255, StringConstraints(min_length=1)]
+    resources: ResourceVector
+    command: Annotated[list[ShortText], Field(max_length=256)] = []
+    env: StringMap = {}
+    labels: StringMap = {}
+    driver: Annotated[SafeStr, StringConstraints(max_length=16)] | None = None
+    placement_group: Name | None = None
+    start: bool = True
+
+
+class InstanceOut(BaseModel):
+    id: str
+    name: str
+    image: str
+    driver: str | None
+    command: list[str]
+    env: dict[str, str]
+    labels: dict[str, str]
+    resources: ResourceVector
+    placement_group: str | None = None
+    host: str | None = None
+    desired_power: str
+    status: str
+    status_message: str
+    created_at: float
+    updated_at: float
+
+
+class OperationOut(BaseModel):
+    id: str
+    kind: str
+    state: str
+    instance: str
+    step: str
+    attempts: int
+    error: str
+    created_at: float
+    updated_at: float
+    deadline: float
+
+
+class InstanceAccepted(BaseModel):
+    instance: InstanceOut
+    operation: OperationOut
+
+
+class GroupIn(BaseModel):
+    name: Name
+    policy: Annotated[str, StringConstraints(pattern=r"^(affinity|anti-affinity)$")]
+    strength: Annotated[str, StringConstraints(pattern=r"^(hard|soft)$")] = "hard"
+    scope: Annotated[str, StringConstraints(pattern=r"^(host|cluster|site)$")] = "host"
+    max_per_scope: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+
+
+class GroupOut(BaseModel):
+    id: str
+    name: str
+    policy: str
+    strength: str
+    scope: str
+    max_per_scope: int | None
+    members: list[str] | int
+    created_at: float
+
+
+class EventOut(BaseModel):
+    id: int
+    at: float
+    kind: str
+    subject: str
+    message: str
+    data: dict[str, Any]
+
+
+def site_out(row: SiteRow, clusters: int) -> SiteOut:
+    return SiteOut(id=row.id, name=row.name, clusters=clusters, created_at=row.created_at)
+
+
+def cluster_out(row: ClusterRow, site: str, hosts: int) -> ClusterOut:
+    return ClusterOut(id=row.id, name=row.name, site=site, hosts=hosts, created_at=row.created_at)
+
+
+def host_out(row: HostRow, cluster: str | None = None, instances: int = 0) -> HostOut:
+    return HostOut(
+        id=row.id,
+        name=row.name,
+        cluster=cluster,
+        state=row.state,
+        driver=row.driver,
+        capabilities=row.capabilities,
+        cpu_model=row.cpu_model,
+        cpu_features=row.cpu_features,
+        labels=row.labels,
+        capacity=ResourceVector.of(row.capacity),
+        allocated=ResourceVector.of(row.allocated),
+        free=ResourceVector(
+            **{k: max(v, 0) for k, v in (row.capacity - row.allocated).as_dict().items()}
+        ),
+        agent_url=row.agent_url,
+        last_heartbeat=row.last_heartbeat,
+        registered_at=row.registered_at,
+        metrics=row.metrics,
+        instances=instances,
+    )
+
+
+def instance_out(
+    row: InstanceRow, host: str | None = None, group: str | None = None
+) -> InstanceOut:
+    return InstanceOut(
+        id=row.id,
+        name=row.name,
+        image=row.image,
+        driver=row.driver,
+        command=row.command,
+        env=row.env,
+        labels=row.labels,
+        resources=ResourceVector.of(row.resources),
+        placement_group=group,
+        host=host,
+        desired_power=row.desired_power,
+        status=row.status,
+        status_message=row.status_message,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def operation_out(row: OperationRow) -> OperationOut:
+    return OperationOut(
+        id=row.id,
+        kind=row.kind,
+        state=row.state,
+        instance=row.instance_name,
+        step=row.step,
+        attempts=row.attempts,
+        error=row.error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        deadline=row.deadline,
+    )
+
+
+def group_out(row: PlacementGroupRow, members: list[str] | int) -> GroupOut:
+    return GroupOut(
+        id=row.id,
+        name=row.name,
+        policy=row.policy,
+        strength=row.strength,
+        scope=row.scope,
+        max_per_scope=row.max_per_scope,
+        members=members,
+        created_at=row.created_at,
+    )
+
+
+def event_out(row: EventRow) -> EventOut:
+    return EventOut(
+        id=row.id, at=row.at, kind=row.kind, subject=row.subject, message=row.message, data=row.data
+    )

@@ -1,0 +1,117 @@
+"""How the controller reaches an agent: one interface, over HTTP or in-process.
+
+The in-process form is for the simulator, where thousands of agents live in the
+controller's own event loop. Both raise AgentUnreachable when the agent cannot be
+reached (the caller retries or rolls back) and DriverError when the agent answered
+that it could not do the work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import httpx
+
+from fleetvisor.errors import AgentUnreachable, DriverError
+from fleetvisor.model.resources import Resources
+from fleetvisor.model.specs import InstanceReport, InstanceSpec
+
+
+class AgentClient(Protocol):
+    async def create(self, spec: InstanceSpec) -> InstanceReport: ...
+
+    async def start(self, instance_id: str) -> InstanceReport: ...
+
+    async def stop(self, instance_id: str) -> InstanceReport: ...
+
+    async def destroy(self, instance_id: str) -> None: ...
+
+    async def resize(self, instance_id: str, resources: Resources) -> InstanceReport: ...
+
+    async def stats(self, instance_id: str) -> dict[str, float]: ...
+
+    async def list(self) -> list[InstanceReport]: ...
+
+
+class InstanceMissing(DriverError):
+    """The agent does not have this instance."""
+
+
+class HttpAgentClient:
+    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
+        )
+
+    async def create(self, spec: InstanceSpec) -> InstanceReport:
+        return InstanceReport(**await self._call("POST", "/v1/instances", json=spec.model_dump()))
+
+    async def start(self, instance_id: str) -> InstanceReport:
+        return InstanceReport(**await self._call("POST", f"/v1/instances/{instance_id}/start"))
+
+    async def stop(self, instance_id: str) -> InstanceReport:
+        return InstanceReport(**await self._call("POST", f"/v1/instances/{instance_id}/stop"))
+
+    async def destroy(self, instance_id: str) -> None:
+        await self._call("DELETE", f"/v1/instances/{instance_id}")
+
+    async def resize(self, instance_id: str, resources: Resources) -> InstanceReport:
+        body = resources.as_dict()
+        return InstanceReport(
+            **await self._call("POST", f"/v1/instances/{instance_id}/resize", json=body)
+        )
+
+    async def stats(self, instance_id: str) -> dict[str, float]:
+        return dict(await self._call("GET", f"/v1/instances/{instance_id}/stats"))
+
+    async def list(self) -> list[InstanceReport]:
+        return [InstanceReport(**item) for item in await self._call("GET", "/v1/instances")]
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, method: str, path: str, json: object = None):  # type: ignore[no-untyped-def]
+        try:
+            response = await self._client.request(method, path, json=json)
+        except httpx.TransportError as exc:
+            raise AgentUnreachable(
+                f"{self._client.base_url}: {exc.__class__.__name__}: {exc}"
+            ) from exc
+        if response.status_code == 404:
+            raise InstanceMissing(_detail(response))
+        if response.status_code >= 500 and response.status_code != 500:
+            raise AgentUnreachable(f"{self._client.base_url} answered {response.status_code}")
+        if response.is_error:
+            raise DriverError(_detail(response))
+        return response.json() if response.content else None
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return response.text or f"HTTP {response.status_code}"
+
+
+class AgentClients:
+    """Hands out the client for a host; caches HTTP clients by (url, token)."""
+
+    def __init__(self, in_process: Callable[[str], AgentClient | None] | None = None) -> None:
+        self._in_process = in_process
+        self._http: dict[tuple[str, str], HttpAgentClient] = {}
+
+    def for_host(self, host_name: str, agent_url: str, token: str) -> AgentClient:
+        if self._in_process is not None:
+            client = self._in_process(host_name)
+            if client is not None:
+                return client
+        key = (agent_url, token)
+        if key not in self._http:
+            self._http[key] = HttpAgentClient(agent_url, token)
+        return self._http[key]
+
+    async def aclose(self) -> None:
+        for client in self._http.values():
+            await client.aclose()
+        self._http.clear()

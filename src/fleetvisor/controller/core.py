@@ -1,0 +1,137 @@
+"""The controller: the services over one store and clock, and its background loops.
+
+Controller.start(): migrate schema -> defaults -> admin token -> loops
+    health loop:   mark hosts down after missed heartbeats
+    runner loop:   drive operations (resumes what a previous run left in flight)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from fleetvisor.clock import Clock, RealClock
+from fleetvisor.controller.agent_client import AgentClients
+from fleetvisor.controller.hosts import HostRegistry
+from fleetvisor.controller.instances import InstanceService
+from fleetvisor.controller.inventory import Inventory
+from fleetvisor.controller.operations import OperationRunner
+from fleetvisor.controller.settings import ControllerSettings
+from fleetvisor.controller.tokens import load_or_create_admin_token
+from fleetvisor.errors import NotFound
+from fleetvisor.store.db import Database, sqlite_url
+from fleetvisor.store.tables import (
+    ClusterRow,
+    HostRow,
+    InstanceRow,
+    OperationRow,
+    PlacementGroupRow,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        db_url: str | None = None,
+        clock: Clock | None = None,
+        settings: ControllerSettings | None = None,
+        agent_clients: AgentClients | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(db_url or sqlite_url(state_dir / "fleetvisor.db"))
+        self.clock = clock or RealClock()
+        self.settings = settings or ControllerSettings()
+        self.clients = agent_clients or AgentClients()
+        self.inventory = Inventory(self.db, self.clock)
+        self.hosts = HostRegistry(self.db, self.clock, self.settings)
+        self.instances = InstanceService(self.db, self.clock, self.settings)
+        self.runner = OperationRunner(self.db, self.clock, self.clients, self.settings)
+        self.admin_token = ""
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def prepare(self) -> None:
+        """Schema, defaults and the admin token: everything before serving."""
+        self.db.upgrade()
+        self.inventory.ensure_defaults()
+        self.admin_token = load_or_create_admin_token(self.state_dir)
+
+    async def start_loops(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(self.runner.run_forever(), name="operations"),
+        ]
+
+    async def stop_loops(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runner.stop()
+        await self.clients.aclose()
+        self._tasks = []
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                self.hosts.mark_stale_hosts_down()
+            except Exception:  # keep watching: one bad tick must not end liveness checks
+                log.exception("health check failed")
+            await self.clock.sleep(self.settings.health_check_interval)
+
+    # -- read helpers shared by the API and the simulator ----------------------------------
+
+    def operations(
+        self, state: str | None = None, instance: str | None = None, limit: int = 100
+    ) -> list[OperationRow]:
+        with self.db.read() as session:
+            query = select(OperationRow).order_by(OperationRow.created_at.desc()).limit(limit)
+            if state:
+                query = query.where(OperationRow.state == state)
+            if instance:
+                query = query.where(OperationRow.instance_name == instance)
+            return list(session.scalars(query))
+
+    def operation(self, op_id: str) -> OperationRow:
+        with self.db.read() as session:
+            row = session.get(OperationRow, op_id)
+            if row is None:
+                raise NotFound(f"operation {op_id!r} does not exist; see `fleetvisor op ls`")
+            return row
+
+    def names(self) -> Names:
+        """id -> name maps for hosts, clusters and placement groups, for display."""
+        with self.db.read() as session:
+            return Names(
+                hosts=dict(session.execute(select(HostRow.id, HostRow.name)).tuples().all()),
+                clusters=dict(
+                    session.execute(select(ClusterRow.id, ClusterRow.name)).tuples().all()
+                ),
+                groups=dict(
+                    session.execute(select(PlacementGroupRow.id, PlacementGroupRow.name))
+                    .tuples()
+                    .all()
+                ),
+                instances_per_host=dict(
+                    session.execute(
+                        select(InstanceRow.host_id, func.count()).group_by(InstanceRow.host_id)
+                    )
+                    .tuples()
+                    .all()
+                ),
+            )
+
+
+@dataclass
+class Names:
+    hosts: dict[str, str]
+    clusters: dict[str, str]
+    groups: dict[str, str]
+    instances_per_host: dict[str | None, int]

@@ -1,0 +1,62 @@
+"""The Driver protocol every kind of instance runtime implements.
+
+Features check capabilities, never driver names. Every call is idempotent where the
+controller may retry it: create of an existing id, start of a running instance,
+destroy of a missing one all succeed without side effects.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from fleetvisor.clock import Clock
+from fleetvisor.model.resources import Resources
+from fleetvisor.model.specs import HostInfo, InstanceReport, InstanceSpec
+
+
+class Capability(StrEnum):
+    RESIZE_LIVE = "resize_live"
+    CHECKPOINT = "checkpoint"
+    LIVE_MIGRATE = "live_migrate"
+    DISK_DIFF = "disk_diff"
+    SECURE_GUEST = "secure_guest"
+
+
+class Driver(Protocol):
+    kind: str
+
+    def host_info(self) -> HostInfo: ...
+
+    def capabilities(self) -> set[Capability]: ...
+
+    async def create(self, spec: InstanceSpec) -> InstanceReport: ...
+
+    async def start(self, instance_id: str) -> InstanceReport: ...
+
+    async def stop(self, instance_id: str) -> InstanceReport: ...
+
+    async def destroy(self, instance_id: str) -> None: ...
+
+    async def resize(self, instance_id: str, resources: Resources) -> InstanceReport: ...
+
+    async def stats(self, instance_id: str) -> dict[str, float]: ...
+
+    async def list(self) -> list[InstanceReport]: ...
+
+    async def close(self) -> None: ...
+
+
+class UnknownInstance(KeyError):
+    """The driver has no instance with this id."""
+
+
+def load_driver(kind: str, *, clock: Clock, state_dir: Path, options: dict[str, str]) -> Driver:
+    if kind == "sim":
+        from fleetvisor.drivers.sim import SimDriver
+
+        return SimDriver.from_options(clock=clock, state_dir=state_dir, options=options)
+    from fleetvisor.errors import InvalidInput
+
+    raise InvalidInput(f"unknown driver {kind!r}; available drivers: sim")

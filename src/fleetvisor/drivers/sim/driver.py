@@ -1,0 +1,185 @@
+"""SimDriver: instances are records, not processes; they outlive the agent process.
+
+State is written to `state_dir/sim-instances.json` after every change, the way a real
+runtime's containers survive an agent restart; a restarted agent re-reports them.
+
+Fault injection (as Nova's fake drivers do), through instance labels:
+  sim.fleetvisor.io/create-seconds: "5"   create takes this long (clock time)
+  sim.fleetvisor.io/fail: "create"|"start" that call fails
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+from fleetvisor.clock import Clock
+from fleetvisor.drivers.base import Capability, UnknownInstance
+from fleetvisor.drivers.sim.workload import WorkloadModel
+from fleetvisor.errors import DriverError, InvalidInput
+from fleetvisor.model.resources import Resources, parse_cpu, parse_size_gib, parse_size_mib
+from fleetvisor.model.specs import (
+    HostInfo,
+    InstanceReport,
+    InstanceSpec,
+    ResourceVector,
+    spec_labels,
+)
+
+LABEL_PREFIX = "sim.fleetvisor.io/"
+DEFAULT_CAPACITY = Resources(vcpus=16_000, memory=65_536, disk=500, net=10_000)
+
+
+def parse_capacity(text: str) -> Resources:
+    """'cpu=16,memory=64G,disk=500,net=10000' -> Resources (missing keys keep the default)."""
+    values = DEFAULT_CAPACITY.as_dict()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise InvalidInput(f"capacity part {part!r} needs key=value, e.g. cpu=8,memory=32G")
+        key = key.strip()
+        if key in ("cpu", "vcpus"):
+            values["vcpus"] = parse_cpu(value)
+        elif key == "memory":
+            values["memory"] = parse_size_mib(value)
+        elif key == "disk":
+            values["disk"] = parse_size_gib(value)
+        elif key == "net":
+            values["net"] = int(value)
+        else:
+            raise InvalidInput(f"unknown capacity key {key!r}; use cpu, memory, disk or net")
+    return Resources(**values)
+
+
+class SimDriver:
+    kind = "sim"
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        state_dir: Path,
+        capacity: Resources = DEFAULT_CAPACITY,
+        seed: int = 0,
+        persist: bool = True,
+    ) -> None:
+        self.clock = clock
+        self.capacity = capacity
+        self.workload = WorkloadModel(seed=seed)
+        self._path = state_dir / "sim-instances.json" if persist else None
+        self._instances: dict[str, dict] = {}
+        if self._path and self._path.exists():
+            self._instances = json.loads(self._path.read_text())
+
+    @classmethod
+    def from_options(cls, *, clock: Clock, state_dir: Path, options: dict[str, str]) -> SimDriver:
+        capacity = parse_capacity(options.get("capacity", ""))
+        return cls(
+            clock=clock, state_dir=state_dir, capacity=capacity, seed=int(options.get("seed", "0"))
+        )
+
+    def host_info(self) -> HostInfo:
+        return HostInfo(
+            capacity=ResourceVector.of(self.capacity),
+            cpu_model=f"simulated {platform.machine() or 'x86_64'}",
+            cpu_features=["sse4_2", "avx2"],
+            driver=self.kind,
+            capabilities=sorted(self.capabilities()),
+        )
+
+    def capabilities(self) -> set[Capability]:
+        return {Capability.RESIZE_LIVE}
+
+    async def create(self, spec: InstanceSpec) -> InstanceReport:
+        if spec.id in self._instances:
+            return self._report(spec.id)
+        knobs = spec_labels(spec, LABEL_PREFIX)
+        if knobs.get("fail") == "create":
+            raise DriverError(f"simulated create failure for {spec.name}")
+        delay = float(knobs.get("create-seconds", 0) or 0)
+        if delay > 0:
+            await self.clock.sleep(delay)
+        self._instances[spec.id] = {
+            "spec": spec.model_dump(),
+            "state": "created",
+            "started_at": None,
+            "created_at": self.clock.now(),
+        }
+        self._save()
+        return self._report(spec.id)
+
+    async def start(self, instance_id: str) -> InstanceReport:
+        record = self._get(instance_id)
+        if spec_labels(InstanceSpec(**record["spec"]), LABEL_PREFIX).get("fail") == "start":
+            raise DriverError(f"simulated start failure for {record['spec']['name']}")
+        if record["state"] != "running":
+            record.update(state="running", started_at=self.clock.now())
+            self._save()
+        return self._report(instance_id)
+
+    async def stop(self, instance_id: str) -> InstanceReport:
+        record = self._get(instance_id)
+        if record["state"] == "running":
+            record.update(state="stopped", started_at=None)
+            self._save()
+        return self._report(instance_id)
+
+    async def destroy(self, instance_id: str) -> None:
+        if self._instances.pop(instance_id, None) is not None:
+            self._save()
+
+    async def resize(self, instance_id: str, resources: Resources) -> InstanceReport:
+        record = self._get(instance_id)
+        record["spec"]["resources"] = resources.as_dict()
+        self._save()
+        return self._report(instance_id)
+
+    async def stats(self, instance_id: str) -> dict[str, float]:
+        return self._usage(instance_id)
+
+    async def list(self) -> list[InstanceReport]:
+        return [self._report(i) for i in sorted(self._instances)]
+
+    async def close(self) -> None:
+        self._save()
+
+    def _usage(self, instance_id: str) -> dict[str, float]:
+        record = self._get(instance_id)
+        if record["state"] != "running":
+            return {"cpu_millicores": 0.0, "memory_mib": 0.0, "net_mbps": 0.0}
+        now = self.clock.now()
+        fractions = self.workload.usage(instance_id, now, now - (record["started_at"] or now))
+        alloc = record["spec"]["resources"]
+        return {
+            "cpu_millicores": fractions["cpu"] * alloc["vcpus"],
+            "memory_mib": fractions["memory"] * alloc["memory"],
+            "net_mbps": fractions["net"] * alloc["net"],
+        }
+
+    def _get(self, instance_id: str) -> dict:
+        try:
+            return self._instances[instance_id]
+        except KeyError:
+            raise UnknownInstance(instance_id) from None
+
+    def _report(self, instance_id: str) -> InstanceReport:
+        record = self._instances[instance_id]
+        spec = record["spec"]
+        return InstanceReport(
+            id=instance_id,
+            name=spec["name"],
+            state=record["state"],
+            resources=ResourceVector(**spec["resources"]),
+            started_at=record["started_at"],
+            usage=self._usage(instance_id),
+        )
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._instances))
+        os.replace(tmp, self._path)

@@ -1,0 +1,160 @@
+"""The schema, as SQLAlchemy 2 ORM classes. Changes go through an Alembic migration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from fleetvisor.model.resources import Resources
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class SiteRow(Base):
+    __tablename__ = "sites"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ClusterRow(Base):
+    __tablename__ = "clusters"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class HostRow(Base):
+    __tablename__ = "hosts"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    cluster_id: Mapped[str] = mapped_column(ForeignKey("clusters.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    agent_url: Mapped[str] = mapped_column(String(255))
+    token_hash: Mapped[str] = mapped_column(String(64))  # the agent's token, to call us
+    agent_token: Mapped[str] = mapped_column(String(128))  # ours, to call the agent
+    driver: Mapped[str] = mapped_column(String(16))
+    capabilities: Mapped[list[Any]] = mapped_column(JSON)
+    cpu_model: Mapped[str] = mapped_column(String(255))
+    cpu_features: Mapped[list[Any]] = mapped_column(JSON)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    cap_vcpus: Mapped[int] = mapped_column(Integer)
+    cap_memory: Mapped[int] = mapped_column(Integer)
+    cap_disk: Mapped[int] = mapped_column(Integer)
+    cap_net: Mapped[int] = mapped_column(Integer)
+    alloc_vcpus: Mapped[int] = mapped_column(Integer, default=0)
+    alloc_memory: Mapped[int] = mapped_column(Integer, default=0)
+    alloc_disk: Mapped[int] = mapped_column(Integer, default=0)
+    alloc_net: Mapped[int] = mapped_column(Integer, default=0)
+    # Bumped on every change of the allocation: reservations are optimistic
+    # (UPDATE ... WHERE generation = seen), so two schedulers never oversubscribe.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat: Mapped[float] = mapped_column(Float)
+
+    @property
+    def capacity(self) -> Resources:
+        return Resources(self.cap_vcpus, self.cap_memory, self.cap_disk, self.cap_net)
+
+    @property
+    def allocated(self) -> Resources:
+        return Resources(self.alloc_vcpus, self.alloc_memory, self.alloc_disk, self.alloc_net)
+
+
+class PlacementGroupRow(Base):
+    __tablename__ = "placement_groups"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    policy: Mapped[str] = mapped_column(String(16))
+    strength: Mapped[str] = mapped_column(String(8))
+    scope: Mapped[str] = mapped_column(String(8))
+    max_per_scope: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class InstanceRow(Base):
+    __tablename__ = "instances"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    image: Mapped[str] = mapped_column(String(255))
+    driver: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    command: Mapped[list[Any]] = mapped_column(JSON)
+    env: Mapped[dict[str, Any]] = mapped_column(JSON)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    vcpus: Mapped[int] = mapped_column(Integer)
+    memory: Mapped[int] = mapped_column(Integer)
+    disk: Mapped[int] = mapped_column(Integer)
+    net: Mapped[int] = mapped_column(Integer)
+    placement_group_id: Mapped[str | None] = mapped_column(
+        ForeignKey("placement_groups.id"), nullable=True, index=True
+    )
+    host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id"), nullable=True, index=True)
+    desired_power: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(self.vcpus, self.memory, self.disk, self.net)
+
+
+class OperationRow(Base):
+    """A long-running action as a persisted state machine: a restarted controller resumes it."""
+
+    __tablename__ = "operations"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    instance_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    instance_name: Mapped[str] = mapped_column(String(63))
+    host_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    step: Mapped[str] = mapped_column(String(32), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+
+
+class EventRow(Base):
+    """Append-only: rows are inserted, never updated or deleted."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[float] = mapped_column(Float, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(String(128), index=True)
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class SettingRow(Base):
+    """Small controller-wide key/values (e.g. the schema's first-start marker)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+__all__ = [
+    "Base",
+    "ClusterRow",
+    "EventRow",
+    "HostRow",
+    "InstanceRow",
+    "OperationRow",
+    "PlacementGroupRow",
+    "SettingRow",
+    "SiteRow",
+]
