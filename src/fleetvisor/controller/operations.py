@@ -91,8 +91,16 @@ class OperationRunner:
                 self._active[op_id] = task
                 task.add_done_callback(lambda _t, i=op_id: self._active.pop(i, None))
 
-    async def drain(self) -> None:
-        """Wait for every operation task started so far (tests and simulations)."""
+    @property
+    def busy(self) -> bool:
+        return bool(self._active)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait for the operation tasks started so far (all of them, or until timeout)."""
+        if timeout is not None:
+            if self._active:
+                await asyncio.wait(list(self._active.values()), timeout=timeout)
+            return
         while self._active:
             await asyncio.gather(*list(self._active.values()), return_exceptions=True)
 
