@@ -11,6 +11,8 @@ cd "$here"
 
 echo "== ruff"
 ruff check src tests benchmarks
+echo "== mypy"
+mypy src
 
 pg_dir=""
 cleanup() {

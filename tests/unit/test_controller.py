@@ -58,7 +58,7 @@ async def test_first_fit_fills_then_spills(fleet: InProcessFleet) -> None:
     for i in range(6):
         fleet.controller.instances.create(request(f"i-{i}"))
     await fleet.settle()
-    placed = {i.name: i.host_id for i in fleet.controller.instances.list()}
+    placed = {i.name: i.host_id for i in fleet.controller.instances.all()}
     host1 = fleet.controller.hosts.get("host-1").id
     assert sum(h == host1 for h in placed.values()) == 4  # 4 x 0.5 CPU fill 2 CPUs
     with pytest.raises(InsufficientCapacity, match="short by"):
@@ -82,7 +82,7 @@ async def test_stop_start_delete_release_capacity(fleet: InProcessFleet) -> None
     delete = fleet.controller.instances.delete("web-1")
     await fleet.settle()
     assert op_state(fleet, delete.id) == "succeeded"
-    assert fleet.controller.instances.list() == []
+    assert fleet.controller.instances.all() == []
     assert fleet.controller.hosts.get("host-1").allocated == Resources()
     assert await fleet.agents["host-1"].list() == []
 
@@ -107,7 +107,7 @@ async def test_driver_failure_rolls_create_back(fleet: InProcessFleet) -> None:
     final = fleet.controller.operation(op.id)
     assert final.state == "rolled_back"
     assert "simulated create failure" in final.error
-    assert fleet.controller.instances.list() == []
+    assert fleet.controller.instances.all() == []
     assert fleet.controller.hosts.get("host-1").allocated == Resources()
     assert len(events(fleet, "instance.create_failed")) == 1
 

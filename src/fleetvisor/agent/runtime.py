@@ -63,17 +63,20 @@ class AgentRuntime:
     async def run(self) -> None:
         app = create_agent_app(self.agent, self.agent_token)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         serving = asyncio.create_task(server.serve(sockets=[self.sock]))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        work = asyncio.create_task(self._register_then_heartbeat())
+        # uvicorn handles SIGTERM/SIGINT itself while serving, then ends `serving`.
+        stopping = asyncio.create_task(self._stop.wait())
         try:
-            await self._register_until_done()
-            heartbeats = asyncio.create_task(self._heartbeat_loop())
-            await self._stop.wait()
-            heartbeats.cancel()
+            await asyncio.wait({serving, stopping, work}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done() and work.exception():
+                raise work.exception()  # type: ignore[misc]
         finally:
+            work.cancel()
+            stopping.cancel()
             server.should_exit = True
             await serving
             await self.agent.driver.close()
@@ -81,6 +84,10 @@ class AgentRuntime:
             if self.host_client:
                 self.host_client.close()
             log.info("agent %s stopped", self.name)
+
+    async def _register_then_heartbeat(self) -> None:
+        await self._register_until_done()
+        await self._heartbeat_loop()
 
     async def _register_until_done(self) -> None:
         delay = 0.2

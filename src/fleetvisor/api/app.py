@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -54,7 +54,7 @@ from fleetvisor.model.entities import HostState, PowerState
 from fleetvisor.store.tables import HostRow
 
 MAX_ID = 2**62
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {"application/problem+json": {}}}
     for code in (401, 403, 404, 409, 422)
 }
@@ -182,7 +182,7 @@ def _host_routes() -> APIRouter:
         names = controller.names()
         return [
             host_out(h, names.clusters.get(h.cluster_id), names.instances_per_host.get(h.id, 0))
-            for h in controller.hosts.list()
+            for h in controller.hosts.all()
         ]
 
     @router.get("/{name}", dependencies=[Admin])
@@ -258,7 +258,7 @@ def _instance_routes() -> APIRouter:
         request: Request, host: NameParam | None = None, status: NameParam | None = None
     ) -> list[InstanceOut]:
         controller = controller_of(request)
-        return out(controller, controller.instances.list(host=host, status=status))
+        return out(controller, controller.instances.all(host=host, status=status))
 
     @router.post("", status_code=202)
     def create_instance(request: Request, body: InstanceIn) -> InstanceAccepted:

@@ -13,9 +13,9 @@ an operation in flight are left to that operation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from fleetvisor.clock import Clock
@@ -145,6 +145,7 @@ class HostRegistry:
             host = session.get(HostRow, host_id)
             if host is None:
                 raise NotFound("this host is not registered any more; register it again")
+            previous_heartbeat = host.last_heartbeat
             host.last_heartbeat = now
             host.metrics = metrics
             if host.state == HostState.DOWN:
@@ -156,7 +157,7 @@ class HostRegistry:
                     f"host/{host.name}",
                     f"host {host.name} is back: heartbeats resumed",
                 )
-            return self._reconcile(session, host, instances, now)
+            return self._reconcile(session, host, instances, now, previous_heartbeat)
 
     def mark_stale_hosts_down(self) -> list[str]:
         """Hosts whose last heartbeat is older than the allowed gap become `down`."""
@@ -174,14 +175,17 @@ class HostRegistry:
             for host in stale:
                 host.state = HostState.DOWN
                 gap = now - host.last_heartbeat
-                affected = session.execute(
-                    update(InstanceRow)
-                    .where(InstanceRow.host_id == host.id)
-                    .values(
-                        status=InstanceStatus.UNKNOWN,
-                        updated_at=now,
-                        status_message=f"host {host.name} is down",
-                    )
+                affected = cast(
+                    CursorResult[Any],
+                    session.execute(
+                        update(InstanceRow)
+                        .where(InstanceRow.host_id == host.id)
+                        .values(
+                            status=InstanceStatus.UNKNOWN,
+                            updated_at=now,
+                            status_message=f"host {host.name} is down",
+                        )
+                    ),
                 ).rowcount
                 events.record(
                     session,
@@ -204,7 +208,7 @@ class HostRegistry:
                 raise NotFound(f"host {name!r} does not exist; see `fleetvisor hosts`")
             return host
 
-    def list(self) -> list[HostRow]:
+    def all(self) -> list[HostRow]:
         with self.db.read() as session:
             return list(session.scalars(select(HostRow).order_by(HostRow.name)))
 
@@ -233,7 +237,12 @@ class HostRegistry:
             return host
 
     def _reconcile(
-        self, session: Session, host: HostRow, reports: list[InstanceReport], now: float
+        self,
+        session: Session,
+        host: HostRow,
+        reports: list[InstanceReport],
+        now: float,
+        previous_heartbeat: float | None = None,
     ) -> ReconcileResult:
         result = ReconcileResult()
         reported = {report.id: report for report in reports}
@@ -247,6 +256,10 @@ class HostRegistry:
         placed = list(session.scalars(select(InstanceRow).where(InstanceRow.host_id == host.id)))
         for instance in placed:
             if instance.id in busy:
+                continue
+            if previous_heartbeat is not None and instance.updated_at > previous_heartbeat:
+                # Changed (e.g. by an operation that just ended) since the previous
+                # heartbeat: this report may predate the change; the next one settles it.
                 continue
             report = reported.get(instance.id)
             if report is None:

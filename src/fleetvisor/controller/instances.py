@@ -12,8 +12,9 @@ a 409 that names the running operation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from fleetvisor.clock import Clock
@@ -194,7 +195,7 @@ class InstanceService:
         with self.db.read() as session:
             return self._get(session, name)
 
-    def list(self, host: str | None = None, status: str | None = None) -> list[InstanceRow]:
+    def all(self, host: str | None = None, status: str | None = None) -> list[InstanceRow]:
         with self.db.read() as session:
             query = select(InstanceRow).order_by(InstanceRow.name)
             if host:
@@ -251,7 +252,7 @@ def reserve(session: Session, host_id: str, generation: int, resources: Resource
         )
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return cast(CursorResult[Any], result).rowcount == 1
 
 
 def release(session: Session, host_id: str, resources: Resources) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -219,7 +221,7 @@ def _group(session: Session, name: str) -> PlacementGroupRow:
     return row
 
 
-def _choice(what: str, value: str, enum: type) -> str:
+def _choice(what: str, value: str, enum: type[StrEnum]) -> str:
     try:
         return str(enum(value))
     except ValueError:

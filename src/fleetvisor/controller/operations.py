@@ -89,7 +89,10 @@ class OperationRunner:
             if op_id not in self._active:
                 task = asyncio.create_task(self.execute(op_id), name=f"operation-{op_id}")
                 self._active[op_id] = task
-                task.add_done_callback(lambda _t, i=op_id: self._active.pop(i, None))
+                task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._active.pop(task.get_name().removeprefix("operation-"), None)
 
     @property
     def busy(self) -> bool:

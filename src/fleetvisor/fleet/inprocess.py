@@ -34,13 +34,21 @@ class _Unreachable:
 
 
 class InProcessFleet:
-    def __init__(self, state_dir: Path, *, db_url: str | None = None, clock: Clock | None = None,
-                 settings: ControllerSettings | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        db_url: str | None = None,
+        clock: Clock | None = None,
+        settings: ControllerSettings | None = None,
+    ) -> None:
         self.clock = clock or VirtualClock()
         self.agents: dict[str, Agent] = {}
         self.unreachable: set[str] = set()
         self.controller = Controller(
-            state_dir=state_dir, db_url=db_url, clock=self.clock,
+            state_dir=state_dir,
+            db_url=db_url,
+            clock=self.clock,
             settings=settings or ControllerSettings(),
             agent_clients=AgentClients(in_process=self._client_for),
         )
@@ -51,10 +59,20 @@ class InProcessFleet:
             return _Unreachable(name)  # type: ignore[return-value]
         return self.agents[name]  # type: ignore[return-value]
 
-    async def add_host(self, name: str, capacity: Resources = DEFAULT_CAPACITY,
-                       cluster: str = "default", seed: int = 0) -> Agent:
-        driver = SimDriver(clock=self.clock, state_dir=Path("/nonexistent"), capacity=capacity,
-                           seed=seed, persist=False)
+    async def add_host(
+        self,
+        name: str,
+        capacity: Resources = DEFAULT_CAPACITY,
+        cluster: str = "default",
+        seed: int = 0,
+    ) -> Agent:
+        driver = SimDriver(
+            clock=self.clock,
+            state_dir=Path("/nonexistent"),
+            capacity=capacity,
+            seed=seed,
+            persist=False,
+        )
         agent = Agent(driver)
         self.agents[name] = agent
         await self.register(name, cluster)
@@ -64,8 +82,12 @@ class InProcessFleet:
         """(Re-)register a host with what its agent has; returns what the agent removed."""
         agent = self.agents[name]
         registration = self.controller.hosts.register(
-            name=name, cluster=cluster, agent_url=f"inprocess://{name}",
-            agent_token=f"inprocess-{name}-token", info=agent.driver.host_info(), labels={},
+            name=name,
+            cluster=cluster,
+            agent_url=f"inprocess://{name}",
+            agent_token=f"inprocess-{name}-token",
+            info=agent.driver.host_info(),
+            labels={},
             instances=await agent.list(),
         )
         for instance_id in registration.destroy:
@@ -76,7 +98,8 @@ class InProcessFleet:
         agent = self.agents[name]
         host = self.controller.hosts.get(name)
         result = self.controller.hosts.heartbeat(
-            host.id, metrics=await agent.host_metrics(), instances=await agent.list())
+            host.id, metrics=await agent.host_metrics(), instances=await agent.list()
+        )
         for instance_id in result.destroy:
             await agent.destroy(instance_id)
         return result.destroy

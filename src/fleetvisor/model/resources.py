@@ -76,13 +76,18 @@ class Resources:
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:i?B?)?|(B))?\s*$", re.IGNORECASE)
-_MIB_PER = {"K": Fraction(1, 1024), "M": 1, "G": 1024, "T": 1024 * 1024}
+_MIB_PER: dict[str, Fraction] = {
+    "K": Fraction(1, 1024),
+    "M": Fraction(1),
+    "G": Fraction(1024),
+    "T": Fraction(1024 * 1024),
+}
 
 
 def parse_size_mib(text: str | int, *, what: str = "memory", default_unit: str = "M") -> int:
     """'256M', '1G', '1.5Gi', '512' (MiB) -> MiB. Binary units; must be whole MiB."""
     if isinstance(text, int):
-        return text * _MIB_PER[default_unit]
+        return int(text * _MIB_PER[default_unit])
     match = _SIZE.match(text)
     if not match:
         raise InvalidInput(
