@@ -7,6 +7,7 @@ fleetvisor ls | show | stop | start | rm | hosts | events --follow   (each with 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -182,7 +183,7 @@ def up(
     console.print(
         f"  try         {hint}fleetvisor run web-1 --image busybox --cpu 0.5 --memory 256M"
     )
-    console.print(f"              {hint}fleetvisor hosts; {hint}fleetvisor events --follow")
+    console.print(f"              {hint}fleetvisor dashboard   (live view; Ctrl-C leaves it)")
     console.print("Ctrl-C stops the fleet.")
     try:
         fleet.supervise(lambda: stopping["now"])
@@ -743,6 +744,18 @@ def group_rm(name: str) -> None:
     """Remove a placement group without members."""
     ctx.client().delete_group(name)
     console.print(f"placement group {name} removed")
+
+
+@app.command()
+def dashboard(
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+) -> None:
+    """A live view of the fleet: hosts with allocation bars, instances, newest events."""
+    from fleetvisor.cli.dashboard import run_dashboard
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_dashboard(ctx.client(), interval=interval, once=once)
 
 
 @app.command()
