@@ -9,6 +9,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 
+"$here/scripts/system-deps.sh"
+
 echo "== ruff"
 ruff check src tests benchmarks
 echo "== mypy"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from fleetvisor.clock import Clock
 from fleetvisor.model.resources import Resources
@@ -46,6 +46,23 @@ class Driver(Protocol):
     async def list(self) -> list[InstanceReport]: ...
 
     async def close(self) -> None: ...
+
+
+class RootfsProvider(Protocol):
+    """Where a driver gets an instance's root filesystem: unpacked image layers.
+
+    The agent implements it over the host's shared layer cache (pulling what is
+    missing); tests hand in a provider over a directory they built.
+    """
+
+    async def layers(self, image: str) -> list[Path]:
+        """Unpacked layer directories of `image`, bottom layer first. Read-only: shared."""
+        ...
+
+    async def config(self, image: str) -> dict[str, Any]:
+        """The image's runtime config (OCI image config `config`: Entrypoint, Cmd, Env,
+        WorkingDir, User); {} when the image has none."""
+        ...
 
 
 class UnknownInstance(KeyError):

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Debian packages the real drivers and their tests need. Idempotent: installs only
+# what is missing, and only as root (elsewhere it says what is missing and goes on;
+# the tests that need a part skip with the reason).
+set -uo pipefail
+want=(
+    "runc:runc"
+    "busybox-static:busybox"
+    "skopeo:skopeo"
+    "iptables:iptables"
+    "debootstrap:debootstrap"
+    "iproute2:ip"
+)
+missing=()
+for item in "${want[@]}"; do
+    pkg="${item%%:*}" cmd="${item##*:}"
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/bin/$cmd" ] || missing+=("$pkg")
+done
+[ "${#missing[@]}" -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "system-deps: not root; missing ${missing[*]} (tests that need them will skip)" >&2
+    exit 0
+fi
+echo "system-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
