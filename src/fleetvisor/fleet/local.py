@@ -98,6 +98,9 @@ class LocalFleet:
         self.controller = Child("controller", argv, self.state_dir / "logs" / "controller.log")
         self._spawn(self.controller)
         self.url = self._wait_controller()
+        # fleet.json's argv must restart the controller where the agents look for it,
+        # so record the port it bound (`--port 0` would pick a new one).
+        argv[argv.index("--port") + 1] = str(httpx.URL(self.url).port)
         token_file = self.state_dir / "admin.token"
         for i in range(1, self.options.hosts + 1):
             name = f"host-{i}"
