@@ -146,6 +146,7 @@ class InstanceService:
                 host=host.name,
                 operation=op.id,
                 rejected=decision.rejected,
+                image=request.image,
             )
             return instance, op
 

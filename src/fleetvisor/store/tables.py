@@ -55,6 +55,9 @@ class HostRow(Base):
     # (UPDATE ... WHERE generation = seen), so two schedulers never oversubscribe.
     generation: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The host's shared image cache as its agent last reported it: cached layers and
+    # counters (hits, misses, bytes pulled, bytes saved, launch latency).
+    cache: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     registered_at: Mapped[float] = mapped_column(Float)
     last_heartbeat: Mapped[float] = mapped_column(Float)
 
@@ -83,6 +86,9 @@ class InstanceRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
     image: Mapped[str] = mapped_column(String(255))
+    # The manifest digest the image reference resolved to at create time, when the
+    # controller's registry holds the image: the instance runs exactly that content.
+    image_digest: Mapped[str | None] = mapped_column(String(71), nullable=True)
     driver: Mapped[str | None] = mapped_column(String(16), nullable=True)
     command: Mapped[list[Any]] = mapped_column(JSON)
     env: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -139,6 +145,14 @@ class EventRow(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+class CachePinRow(Base):
+    """An image an operator wants in every host's cache, whatever its popularity."""
+
+    __tablename__ = "cache_pins"
+    image: Mapped[str] = mapped_column(String(255), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class SettingRow(Base):
     """Small controller-wide key/values (e.g. the schema's first-start marker)."""
 
@@ -149,6 +163,7 @@ class SettingRow(Base):
 
 __all__ = [
     "Base",
+    "CachePinRow",
     "ClusterRow",
     "EventRow",
     "HostRow",
