@@ -93,3 +93,29 @@ def test_capacity_option() -> None:
     assert parse_capacity("cpu=8,memory=32G,disk=1T,net=2500") == Resources(8000, 32768, 1024, 2500)
     with pytest.raises(InvalidInput, match="cpu, memory, disk or net"):
         parse_capacity("gpus=2")
+
+
+async def test_agent_serves_logs_with_tail_and_follow(tmp_path: Path) -> None:
+    """The agent returns an instance's output, its last lines, and follows new output."""
+    from fleetvisor.agent.core import Agent
+    from fleetvisor.errors import NotFound
+
+    clock = VirtualClock()
+    agent = Agent(SimDriver(clock=clock, state_dir=tmp_path), clock)
+    instance = await agent.create(spec())
+    await agent.start(instance.id)
+    whole = b"".join([chunk async for chunk in agent.logs(instance.id)]).decode()
+    assert "created from image busybox" in whole and "started" in whole
+    last = b"".join([chunk async for chunk in agent.logs(instance.id, tail=1)]).decode()
+    assert last.count("\n") == 1 and "started" in last
+    follow = agent.logs(instance.id, follow=True, tail=0)
+    reader = asyncio.create_task(anext(follow))
+    await clock.advance(0.5)
+    await agent.stop(instance.id)
+    await clock.advance(0.5)
+    assert b"stopped" in await reader
+    await agent.destroy(instance.id)
+    await clock.advance(0.5)
+    assert [chunk async for chunk in follow] == []  # the stream ends with the instance
+    with pytest.raises(NotFound):
+        await anext(agent.logs("nope"))

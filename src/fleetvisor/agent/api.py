@@ -5,11 +5,13 @@ from __future__ import annotations
 import hmac
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetvisor import __version__
 from fleetvisor.agent.core import Agent
 from fleetvisor.api import problems
+from fleetvisor.asyncutil import prepend
 from fleetvisor.errors import Unauthorized
 from fleetvisor.model.specs import InstanceReport, InstanceSpec, ResourceVector
 
@@ -52,6 +54,14 @@ def create_agent_app(agent: Agent, token: str) -> FastAPI:
     @app.get("/v1/instances/{instance_id}/stats", dependencies=[Depends(authorized)])
     async def stats(instance_id: str) -> dict[str, float]:
         return await agent.stats(instance_id)
+
+    @app.get("/v1/instances/{instance_id}/logs", dependencies=[Depends(authorized)])
+    async def logs(
+        instance_id: str, follow: bool = False, tail: int | None = None
+    ) -> StreamingResponse:
+        stream = agent.logs(instance_id, follow=follow, tail=tail)
+        first = await anext(stream, b"")  # a missing instance fails here, as a 404
+        return StreamingResponse(prepend(first, stream), media_type="text/plain")
 
     @app.delete("/v1/instances/{instance_id}", status_code=204, dependencies=[Depends(authorized)])
     async def destroy(instance_id: str) -> None:

@@ -7,16 +7,21 @@ in-process client. It never decides placement; it does, reports, and obeys.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+from fleetvisor.clock import Clock, RealClock
 from fleetvisor.drivers.base import Driver, UnknownInstance
 from fleetvisor.errors import NotFound
 from fleetvisor.model.resources import Resources
 from fleetvisor.model.specs import InstanceReport, InstanceSpec
 
+LOG_CHUNK = 64 * 1024
+
 
 class Agent:
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: Driver, clock: Clock | None = None) -> None:
         self.driver = driver
+        self.clock = clock or RealClock()
         # One lock per instance: the controller may retry a call while the first
         # attempt is still running; they must not interleave.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -50,6 +55,35 @@ class Agent:
 
     async def list(self) -> list[InstanceReport]:
         return await self.driver.list()
+
+    async def logs(
+        self, instance_id: str, follow: bool = False, tail: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The instance's output: the last `tail` lines (all when None), then, with
+        `follow`, new output as it is written until the instance is destroyed."""
+        path = self.driver.log_path(instance_id)
+        known = {r.id for r in await self.driver.list()}
+        if path is None or (instance_id not in known and not path.exists()):
+            raise NotFound(f"this host has no output for instance {instance_id}")
+        offset = 0
+        if path.exists():
+            data = path.read_bytes()
+            offset = len(data)
+            if tail is not None:
+                data = b"".join(data.splitlines(keepends=True)[-tail:]) if tail else b""
+            if data:
+                yield data
+        while follow:
+            if path.exists() and path.stat().st_size > offset:
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read(LOG_CHUNK)
+                offset += len(chunk)
+                yield chunk
+                continue
+            if instance_id not in {r.id for r in await self.driver.list()}:
+                return
+            await self.clock.sleep(0.2)
 
     async def host_metrics(self) -> dict[str, float]:
         """Host-wide usage summed over instances, for the heartbeat."""

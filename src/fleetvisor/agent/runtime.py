@@ -48,7 +48,7 @@ class AgentRuntime:
         self.cluster = cluster
         self.labels = labels or {}
         self.clock = clock or RealClock()
-        self.agent = Agent(driver)
+        self.agent = Agent(driver, self.clock)
         self.state_dir = state_dir
         self.controller = FleetClient(controller_url, token)
         self.host_client: FleetClient | None = None

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from fleetvisor import __version__
 from fleetvisor.api import problems
@@ -46,10 +46,11 @@ from fleetvisor.api.schemas import (
     operation_out,
     site_out,
 )
+from fleetvisor.asyncutil import prepend
 from fleetvisor.controller import events
 from fleetvisor.controller.core import Controller
 from fleetvisor.controller.instances import InstanceRequest
-from fleetvisor.errors import Forbidden
+from fleetvisor.errors import AgentUnreachable, Conflict, DriverError, Forbidden, NotFound
 from fleetvisor.model.entities import HostState, PowerState
 from fleetvisor.store.tables import HostRow
 
@@ -85,6 +86,11 @@ def create_app(controller: Controller, *, run_loops: bool = True) -> FastAPI:
         "with 'Authorization: Bearer TOKEN' (the admin token is in the controller's "
         "state directory).",
         responses=ERRORS,
+        # The spec is served below, behind the token like everything but /healthz; the
+        # browsable docs would need scripts from the internet, so they are off.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.controller = controller
     collector = FleetCollector(controller)
@@ -98,6 +104,10 @@ def create_app(controller: Controller, *, run_loops: bool = True) -> FastAPI:
         key = (request.method, getattr(route, "path", "unmatched"), str(response.status_code))
         collector.requests[key] = collector.requests.get(key, 0) + 1
         return response
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Admin])
+    def openapi_spec() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
@@ -286,6 +296,29 @@ def _instance_routes() -> APIRouter:
     def get_instance(request: Request, name: str) -> InstanceOut:
         controller = controller_of(request)
         return out(controller, [controller.instances.get(name)])[0]
+
+    @router.get(
+        "/{name}/logs",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def instance_logs(
+        request: Request,
+        name: str,
+        follow: bool = False,
+        tail: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,
+    ) -> StreamingResponse:
+        """The instance's output (stdout/stderr or console); `follow` streams new output."""
+        controller = controller_of(request)
+        instance, host, agent = await asyncio.to_thread(controller.agent_for, name)
+        stream = agent.logs(instance.id, follow=follow, tail=tail)
+        try:
+            first = await anext(stream, b"")
+        except DriverError as exc:  # includes the agent's 404
+            raise NotFound(f"no output for {name} on {host.name} yet: {exc}") from exc
+        except AgentUnreachable as exc:
+            raise Conflict(f"cannot reach host {host.name} for {name}'s output: {exc}") from exc
+        return StreamingResponse(prepend(first, stream), media_type="text/plain")
 
     def power(request: Request, name: str, state: PowerState) -> OperationOut:
         controller = controller_of(request)

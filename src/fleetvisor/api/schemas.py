@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from fleetvisor.model.specs import HostInfo, InstanceReport, ResourceVector, SafeStr
+from fleetvisor.model.specs import (
+    Finite,
+    HostInfo,
+    InstanceReport,
+    ResourceVector,
+    SafeStr,
+    no_nul,
+)
 from fleetvisor.store.tables import (
     ClusterRow,
     EventRow,
@@ -81,8 +88,11 @@ class HostOut(BaseModel):
 class HostRegisterIn(BaseModel):
     name: Name
     cluster: Name = "default"
+    # Constraints before the NUL check: after it, pydantic leaves the pattern out of OpenAPI.
     agent_url: Annotated[
-        SafeStr, StringConstraints(pattern=r"^https?://[^\s/]+(/.*)?$", max_length=255)
+        str,
+        StringConstraints(pattern=r"^https?://[^\s/]+(/.*)?$", max_length=255),
+        AfterValidator(no_nul),
     ]
     agent_token: Annotated[SafeStr, StringConstraints(min_length=16, max_length=128)]
     info: HostInfo
@@ -98,7 +108,9 @@ class HostRegisterOut(BaseModel):
 
 
 class HeartbeatIn(BaseModel):
-    metrics: dict[str, float] = {}
+    metrics: Annotated[
+        dict[Annotated[SafeStr, StringConstraints(max_length=64)], Finite], Field(max_length=256)
+    ] = {}
     instances: Annotated[list[InstanceReport], Field(max_length=10_000)] = []
 
 

@@ -409,6 +409,23 @@ def _power(name: str, action: str, as_json: bool, wait: bool) -> None:
         fail(f"{action} of {name} failed: {op['error']}")
 
 
+@app.command()
+def logs(
+    name: str,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output.")
+    ] = False,
+    tail: Annotated[int | None, typer.Option(min=0, help="Only the last N lines.")] = None,
+) -> None:
+    """Print an instance's output (stdout/stderr of a container, console of a VM)."""
+    import sys
+
+    with contextlib.suppress(KeyboardInterrupt):
+        for chunk in ctx.client().logs(name, follow=follow, tail=tail):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+
 WaitOpt = Annotated[bool, typer.Option(help="Wait for the operation to end.")]
 
 

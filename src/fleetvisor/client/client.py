@@ -190,6 +190,27 @@ class FleetClient:
     def delete_instance(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/instances/{name}")
 
+    def logs(self, name: str, follow: bool = False, tail: int | None = None) -> Iterator[str]:
+        """The instance's output as text chunks; with `follow`, until interrupted."""
+        params: dict[str, Any] = {"follow": follow}
+        if tail is not None:
+            params["tail"] = tail
+        try:
+            with self._http.stream(
+                "GET",
+                f"/v1/instances/{name}/logs",
+                params=params,
+                timeout=httpx.Timeout(10.0, read=None),
+            ) as response:
+                if response.is_error:
+                    response.read()
+                    raise _api_error(response)
+                yield from response.iter_text()
+        except httpx.TransportError as exc:
+            raise ApiError(
+                0, "Controller unreachable", f"lost the output stream from {self.url}: {exc}"
+            ) from exc
+
     # -- operations and events ---------------------------------------------------------------
 
     def operations(

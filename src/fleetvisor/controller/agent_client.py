@@ -8,7 +8,7 @@ that it could not do the work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import httpx
@@ -32,6 +32,10 @@ class AgentClient(Protocol):
     async def stats(self, instance_id: str) -> dict[str, float]: ...
 
     async def list(self) -> list[InstanceReport]: ...
+
+    def logs(
+        self, instance_id: str, follow: bool = False, tail: int | None = None
+    ) -> AsyncIterator[bytes]: ...
 
 
 class InstanceMissing(DriverError):
@@ -67,6 +71,30 @@ class HttpAgentClient:
 
     async def list(self) -> list[InstanceReport]:
         return [InstanceReport(**item) for item in await self._call("GET", "/v1/instances")]
+
+    async def logs(
+        self, instance_id: str, follow: bool = False, tail: int | None = None
+    ) -> AsyncIterator[bytes]:
+        params: dict[str, bool | int] = {"follow": follow}
+        if tail is not None:
+            params["tail"] = tail
+        try:
+            async with self._client.stream(
+                "GET",
+                f"/v1/instances/{instance_id}/logs",
+                params=params,
+                timeout=httpx.Timeout(10.0, read=None),
+            ) as response:
+                if response.status_code == 404:
+                    await response.aread()
+                    raise InstanceMissing(_detail(response))
+                if response.is_error:
+                    await response.aread()
+                    raise DriverError(_detail(response))
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+        except httpx.TransportError as exc:
+            raise AgentUnreachable(f"{self._client.base_url}: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -15,14 +15,15 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from fleetvisor.clock import Clock, RealClock
-from fleetvisor.controller.agent_client import AgentClients
+from fleetvisor.controller.agent_client import AgentClient, AgentClients
 from fleetvisor.controller.hosts import HostRegistry
 from fleetvisor.controller.instances import InstanceService
 from fleetvisor.controller.inventory import Inventory
 from fleetvisor.controller.operations import OperationRunner
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.controller.tokens import load_or_create_admin_token
-from fleetvisor.errors import NotFound
+from fleetvisor.errors import Conflict, NotFound
+from fleetvisor.model.entities import HostState
 from fleetvisor.store.db import Database, sqlite_url
 from fleetvisor.store.tables import (
     ClusterRow,
@@ -105,6 +106,19 @@ class Controller:
             if row is None:
                 raise NotFound(f"operation {op_id!r} does not exist; see `fleetvisor op ls`")
             return row
+
+    def agent_for(self, instance_name: str) -> tuple[InstanceRow, HostRow, AgentClient]:
+        """The instance and a client of the agent running it; 409 when it cannot be reached."""
+        instance = self.instances.get(instance_name)
+        with self.db.read() as session:
+            host = session.get(HostRow, instance.host_id) if instance.host_id else None
+        if host is None:
+            raise Conflict(f"{instance_name} is not on a host yet; wait for its create operation")
+        if host.state == HostState.DOWN:
+            raise Conflict(
+                f"host {host.name} of {instance_name} is down; try again when it returns"
+            )
+        return instance, host, self.clients.for_host(host.name, host.agent_url, host.agent_token)
 
     def names(self) -> Names:
         """id -> name maps for hosts, clusters and placement groups, for display."""

@@ -27,7 +27,7 @@ def since(
 ) -> list[EventRow]:
     query = select(EventRow).where(EventRow.id > after_id)
     if kind:
-        query = query.where(EventRow.kind.startswith(kind))
+        query = query.where(EventRow.kind.startswith(kind, autoescape=True))
     if subject:
         query = query.where(EventRow.subject == subject)
     return list(session.scalars(query.order_by(EventRow.id).limit(limit)))

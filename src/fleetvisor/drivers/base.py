@@ -45,6 +45,10 @@ class Driver(Protocol):
 
     async def list(self) -> list[InstanceReport]: ...
 
+    def log_path(self, instance_id: str) -> Path | None:
+        """The file holding the instance's output (stdout/stderr, or a VM's console)."""
+        ...
+
     async def close(self) -> None: ...
 
 

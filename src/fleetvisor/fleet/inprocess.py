@@ -73,7 +73,7 @@ class InProcessFleet:
             seed=seed,
             persist=False,
         )
-        agent = Agent(driver)
+        agent = Agent(driver, self.clock)
         self.agents[name] = agent
         await self.register(name, cluster)
         return agent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from fleetvisor.model.resources import Resources
 
@@ -12,13 +12,23 @@ MAX_INT = 2_000_000_000  # every count fits a 32-bit SQL INTEGER
 
 
 def no_nul(value: str) -> str:
-    """SQL text columns (PostgreSQL) cannot hold NUL; refuse it at the edge."""
+    """SQL text columns cannot hold NUL (PostgreSQL) or lone surrogates (JSON escapes such as
+    \\ud800 that have no UTF-8 form); refuse both at the edge."""
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (no lone surrogates)") from None
     return value
 
 
 SafeStr = Annotated[str, AfterValidator(no_nul)]
+
+
+# JSON has no NaN or infinity (PostgreSQL refuses them): numbers from agents must be finite.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class ResourceVector(BaseModel):
@@ -52,22 +62,26 @@ class InstanceSpec(BaseModel):
 class InstanceReport(BaseModel):
     """An instance as its host sees it."""
 
-    id: str
-    name: str
+    id: Annotated[SafeStr, StringConstraints(max_length=64)]
+    name: Annotated[SafeStr, StringConstraints(max_length=253)]
     state: str  # "created" | "running" | "stopped"
     resources: ResourceVector
-    started_at: float | None = None
-    usage: dict[str, float] = {}
+    started_at: Finite | None = None
+    usage: dict[Annotated[SafeStr, StringConstraints(max_length=64)], Finite] = {}
 
 
 class HostInfo(BaseModel):
     """What a driver tells about its machine at registration."""
 
     capacity: ResourceVector
-    cpu_model: str
-    cpu_features: list[str] = []
-    driver: str
-    capabilities: list[str] = []
+    cpu_model: Annotated[SafeStr, StringConstraints(max_length=255)]
+    cpu_features: Annotated[
+        list[Annotated[SafeStr, StringConstraints(max_length=64)]], Field(max_length=1024)
+    ] = []
+    driver: Annotated[SafeStr, StringConstraints(min_length=1, max_length=16)]
+    capabilities: Annotated[
+        list[Annotated[SafeStr, StringConstraints(max_length=64)]], Field(max_length=64)
+    ] = []
 
 
 def spec_labels(spec: InstanceSpec, prefix: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 from fleetvisor.clock import Clock
@@ -69,6 +70,7 @@ class SimDriver:
         self.capacity = capacity
         self.workload = WorkloadModel(seed=seed)
         self._path = state_dir / "sim-instances.json" if persist else None
+        self._logs = state_dir / "logs" if persist else None
         self._instances: dict[str, dict] = {}
         if self._path and self._path.exists():
             self._instances = json.loads(self._path.read_text())
@@ -108,6 +110,7 @@ class SimDriver:
             "created_at": self.clock.now(),
         }
         self._save()
+        self._log(spec.id, f"created from image {spec.image} with {spec.resources}")
         return self._report(spec.id)
 
     async def start(self, instance_id: str) -> InstanceReport:
@@ -117,6 +120,8 @@ class SimDriver:
         if record["state"] != "running":
             record.update(state="running", started_at=self.clock.now())
             self._save()
+            command = " ".join(record["spec"]["command"]) or "(image default command)"
+            self._log(instance_id, f"started: {command}")
         return self._report(instance_id)
 
     async def stop(self, instance_id: str) -> InstanceReport:
@@ -124,16 +129,21 @@ class SimDriver:
         if record["state"] == "running":
             record.update(state="stopped", started_at=None)
             self._save()
+            self._log(instance_id, "stopped")
         return self._report(instance_id)
 
     async def destroy(self, instance_id: str) -> None:
         if self._instances.pop(instance_id, None) is not None:
             self._save()
+            log = self.log_path(instance_id)
+            if log is not None:
+                log.unlink(missing_ok=True)
 
     async def resize(self, instance_id: str, resources: Resources) -> InstanceReport:
         record = self._get(instance_id)
         record["spec"]["resources"] = resources.as_dict()
         self._save()
+        self._log(instance_id, f"resized to {resources.describe()}")
         return self._report(instance_id)
 
     async def stats(self, instance_id: str) -> dict[str, float]:
@@ -141,6 +151,18 @@ class SimDriver:
 
     async def list(self) -> list[InstanceReport]:
         return [self._report(i) for i in sorted(self._instances)]
+
+    def log_path(self, instance_id: str) -> Path | None:
+        return self._logs / f"{instance_id}.log" if self._logs is not None else None
+
+    def _log(self, instance_id: str, message: str) -> None:
+        path = self.log_path(instance_id)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.clock.now()))
+        with path.open("a") as log:
+            log.write(f"{stamp}Z sim: {message}\n")
 
     async def close(self) -> None:
         self._save()
