@@ -12,7 +12,7 @@ cd "$here"
 "$here/scripts/system-deps.sh"
 
 echo "== ruff"
-ruff check src tests benchmarks
+ruff check src tests $([ -d benchmarks ] && echo benchmarks)
 echo "== mypy"
 mypy src
 
