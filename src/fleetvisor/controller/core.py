@@ -11,6 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -123,22 +124,16 @@ class Controller:
     def names(self) -> Names:
         """id -> name maps for hosts, clusters and placement groups, for display."""
         with self.db.read() as session:
+
+            def pairs(query: Any) -> dict[Any, Any]:
+                return {key: value for key, value in session.execute(query).all()}
+
             return Names(
-                hosts=dict(session.execute(select(HostRow.id, HostRow.name)).tuples().all()),
-                clusters=dict(
-                    session.execute(select(ClusterRow.id, ClusterRow.name)).tuples().all()
-                ),
-                groups=dict(
-                    session.execute(select(PlacementGroupRow.id, PlacementGroupRow.name))
-                    .tuples()
-                    .all()
-                ),
-                instances_per_host=dict(
-                    session.execute(
-                        select(InstanceRow.host_id, func.count()).group_by(InstanceRow.host_id)
-                    )
-                    .tuples()
-                    .all()
+                hosts=pairs(select(HostRow.id, HostRow.name)),
+                clusters=pairs(select(ClusterRow.id, ClusterRow.name)),
+                groups=pairs(select(PlacementGroupRow.id, PlacementGroupRow.name)),
+                instances_per_host=pairs(
+                    select(InstanceRow.host_id, func.count()).group_by(InstanceRow.host_id)
                 ),
             )
 
