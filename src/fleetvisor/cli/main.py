@@ -49,6 +49,12 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(group_app, name="group")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+DriverOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--driver-opt", help="Driver option key=value (repeat), e.g. subnet=198.19.1.0/24."
+    ),
+]
 StateDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -128,6 +134,15 @@ def up(
             help="Per-host capacity for the sim driver, e.g. cpu=16,memory=64G,disk=500,net=10000."
         ),
     ] = "",
+    host_netns: Annotated[
+        bool | None,
+        typer.Option(
+            "--host-netns/--no-host-netns",
+            help="Each host in its own network namespace and address (root) "
+            "[default: on for real drivers, off for sim].",
+        ),
+    ] = None,
+    driver_opt: DriverOpt = None,
 ) -> None:
     """Start a local fleet: a controller and N agents as separate processes. Ctrl-C stops all."""
     from fleetvisor.fleet.local import FleetError, FleetOptions, LocalFleet
@@ -143,6 +158,8 @@ def up(
             heartbeat_interval=heartbeat_interval,
             down_after_missed=down_after,
             host_capacity=capacity,
+            host_netns=host_netns,
+            driver_options=driver_opt or [],
         ),
         say=lambda m: console.print(f"[yellow]{m}[/yellow]"),
     )
@@ -185,6 +202,7 @@ def up(
     )
     console.print(f"              {hint}fleetvisor dashboard   (live view; Ctrl-C leaves it)")
     console.print("Ctrl-C stops the fleet.")
+    console.file.flush()  # a supervisor's output often goes to a file: show it now
     try:
         fleet.supervise(lambda: stopping["now"])
     finally:
@@ -244,6 +262,7 @@ def agent(
     port: Annotated[int, typer.Option(help="Agent API port (0 picks a free one).")] = 0,
     capacity: Annotated[str, typer.Option(help="sim driver: host capacity.")] = "",
     seed: Annotated[int, typer.Option(help="sim driver: workload seed.")] = 0,
+    driver_opt: DriverOpt = None,
 ) -> None:
     """Run a host agent: registers with the controller and runs instances through a driver."""
     from fleetvisor.agent.runtime import run_agent
@@ -260,7 +279,11 @@ def agent(
         token=secret or "",
         driver_kind=driver,
         state_dir=state_dir or default_state_dir() / "agents" / host,
-        driver_options={"capacity": capacity, "seed": str(seed)},
+        driver_options={
+            "capacity": capacity,
+            "seed": str(seed),
+            **dict(_key_value(item, "driver option") for item in driver_opt or []),
+        },
         cluster=cluster,
         labels=labels,
         listen=listen,

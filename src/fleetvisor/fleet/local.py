@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from fleetvisor.controller.serve import ENDPOINT_FILE
+from fleetvisor.fleet.network import FleetNetwork, HostNet
 
 FLEET_FILE = "fleet.json"
 PR_SET_PDEATHSIG = 1
@@ -53,6 +54,10 @@ class FleetOptions:
     heartbeat_interval: float = 2.0
     down_after_missed: int = 3
     host_capacity: str = ""
+    # Each host in its own network namespace with its own address (needs root);
+    # None: on for real drivers, off for sim.
+    host_netns: bool | None = None
+    driver_options: list[str] = field(default_factory=list)
     extra_agent_args: list[str] = field(default_factory=list)
 
 
@@ -73,6 +78,7 @@ class LocalFleet:
         self.controller: Child | None = None
         self.agents: list[Child] = []
         self.url = ""
+        self.network: FleetNetwork | None = None
 
     # -- start -----------------------------------------------------------------------------
 
@@ -93,6 +99,20 @@ class LocalFleet:
             "--down-after",
             str(self.options.down_after_missed),
         ]
+        hostnets: list[HostNet] = []
+        listen = "127.0.0.1"
+        if self.options.host_netns or (
+            self.options.host_netns is None and self.options.driver != "sim"
+        ):
+            if os.geteuid() != 0:
+                raise FleetError(
+                    "hosts in their own network namespaces need root; run as "
+                    "root or pass --no-host-netns"
+                )
+            self.network = FleetNetwork(self.state_dir)
+            hostnets = self.network.create(self.options.hosts)
+            listen = self.network.gateway
+        argv += ["--listen", listen]
         if self.options.db_url:
             argv += ["--db", self.options.db_url]
         self.controller = Child("controller", argv, self.state_dir / "logs" / "controller.log")
@@ -104,21 +124,35 @@ class LocalFleet:
         token_file = self.state_dir / "admin.token"
         for i in range(1, self.options.hosts + 1):
             name = f"host-{i}"
-            agent_argv = base + [
-                "agent",
-                "--controller",
-                self.url,
-                "--token-file",
-                str(token_file),
-                "--name",
-                name,
-                "--driver",
-                self.options.driver,
-                "--state-dir",
-                str(self.state_dir / "agents" / name),
-            ]
+            net = hostnets[i - 1] if hostnets else None
+            agent_argv = (
+                (FleetNetwork.enter(net.netns) if net else [])
+                + base
+                + [
+                    "agent",
+                    "--controller",
+                    self.url,
+                    "--token-file",
+                    str(token_file),
+                    "--name",
+                    name,
+                    "--driver",
+                    self.options.driver,
+                    "--state-dir",
+                    str(self.state_dir / "agents" / name),
+                ]
+            )
             if self.options.host_capacity:
                 agent_argv += ["--capacity", self.options.host_capacity]
+            if net:
+                agent_argv += [
+                    "--listen",
+                    net.address,
+                    "--driver-opt",
+                    f"subnet={net.instance_subnet}",
+                ]
+            for option in self.options.driver_options:
+                agent_argv += ["--driver-opt", option]
             agent_argv += self.options.extra_agent_args
             child = Child(name, agent_argv, self.state_dir / "logs" / f"{name}.log")
             self._spawn(child)
@@ -249,6 +283,8 @@ class LocalFleet:
                 except subprocess.TimeoutExpired:
                     child.process.kill()
                     child.process.wait()
+        if self.network is not None:
+            self.network.destroy()
         (self.state_dir / FLEET_FILE).unlink(missing_ok=True)
 
 
