@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from fleetvisor import __version__
-from fleetvisor.api import problems
+from fleetvisor.api import image_routes, problems
 from fleetvisor.api.auth import Admin, controller_of, require_host
 from fleetvisor.api.metrics import FleetCollector, render
 from fleetvisor.api.schemas import (
@@ -129,6 +129,7 @@ def create_app(controller: Controller, *, run_loops: bool = True) -> FastAPI:
     app.include_router(_instance_routes())
     app.include_router(_operation_routes())
     app.include_router(_event_routes())
+    image_routes.install(app)
     return app
 
 
@@ -221,6 +222,8 @@ def _host_routes() -> APIRouter:
             info=body.info,
             labels=body.labels,
             instances=body.instances,
+            ready=body.ready,
+            cache=body.cache,
         )
         controller.runner.wake()
         return HostRegisterOut(
@@ -241,7 +244,13 @@ def _host_routes() -> APIRouter:
         if host.name != name:
             raise Forbidden(f"this token belongs to host {host.name}, not {name}")
         controller = controller_of(request)
-        result = controller.hosts.heartbeat(host.id, metrics=body.metrics, instances=body.instances)
+        result = controller.hosts.heartbeat(
+            host.id,
+            metrics=body.metrics,
+            instances=body.instances,
+            ready=body.ready,
+            cache=body.cache,
+        )
         if result.recover:
             controller.runner.wake()
         return HeartbeatOut(

@@ -49,3 +49,16 @@ def require_host(request: Request, credentials: Credentials) -> HostRow:
 
 
 Admin = Depends(require_admin)
+
+
+def require_any(request: Request, credentials: Credentials) -> None:
+    """The admin token or any host's token (read-only data agents need too)."""
+    token = _token(credentials)
+    controller = controller_of(request)
+    if hmac.compare_digest(token.encode(), controller.admin_token.encode()):
+        return
+    if controller.hosts.authenticate(token) is None:
+        raise Unauthorized("the token is not valid; use the admin token or a host token")
+
+
+AdminOrHost = Depends(require_any)

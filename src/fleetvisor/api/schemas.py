@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from fleetvisor.model.specs import (
+    CacheReport,
     Finite,
     HostInfo,
     InstanceReport,
@@ -82,6 +83,7 @@ class HostOut(BaseModel):
     last_heartbeat: float
     registered_at: float
     metrics: dict[str, Any]
+    cache: dict[str, Any] = {}
     instances: int = 0
 
 
@@ -98,6 +100,12 @@ class HostRegisterIn(BaseModel):
     info: HostInfo
     labels: StringMap = {}
     instances: Annotated[list[InstanceReport], Field(max_length=10_000)] = []
+    ready: bool = Field(
+        True,
+        description="false: the host prepares (e.g. fills its image "
+        "cache) and reports ready in a later heartbeat",
+    )
+    cache: CacheReport | None = None
 
 
 class HostRegisterOut(BaseModel):
@@ -112,6 +120,8 @@ class HeartbeatIn(BaseModel):
         dict[Annotated[SafeStr, StringConstraints(max_length=64)], Finite], Field(max_length=256)
     ] = {}
     instances: Annotated[list[InstanceReport], Field(max_length=10_000)] = []
+    ready: bool | None = None
+    cache: CacheReport | None = None
 
 
 class HeartbeatOut(BaseModel):
@@ -227,6 +237,7 @@ def host_out(row: HostRow, cluster: str | None = None, instances: int = 0) -> Ho
         last_heartbeat=row.last_heartbeat,
         registered_at=row.registered_at,
         metrics=row.metrics,
+        cache=row.cache or {},
         instances=instances,
     )
 

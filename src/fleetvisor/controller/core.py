@@ -18,12 +18,14 @@ from sqlalchemy import func, select
 from fleetvisor.clock import Clock, RealClock
 from fleetvisor.controller.agent_client import AgentClient, AgentClients
 from fleetvisor.controller.hosts import HostRegistry
+from fleetvisor.controller.image_cache import CachePlanner
 from fleetvisor.controller.instances import InstanceService
 from fleetvisor.controller.inventory import Inventory
 from fleetvisor.controller.operations import OperationRunner
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.controller.tokens import load_or_create_admin_token
-from fleetvisor.errors import Conflict, NotFound
+from fleetvisor.errors import Conflict, FleetvisorError, NotFound
+from fleetvisor.images.store import ImageStore
 from fleetvisor.model.entities import HostState
 from fleetvisor.store.db import Database, sqlite_url
 from fleetvisor.store.tables import (
@@ -58,6 +60,8 @@ class Controller:
         self.instances = InstanceService(self.db, self.clock, self.settings)
         self.runner = OperationRunner(self.db, self.clock, self.clients, self.settings)
         self.admin_token = ""
+        self.images = ImageStore(state_dir / "images")
+        self.cache = CachePlanner(self.db, self.clock, self.image_size)
         self._tasks: list[asyncio.Task[None]] = []
 
     def prepare(self) -> None:
@@ -107,6 +111,14 @@ class Controller:
             if row is None:
                 raise NotFound(f"operation {op_id!r} does not exist; see `fleetvisor op ls`")
             return row
+
+    def image_size(self, image: str) -> tuple[str, int] | None:
+        """(manifest digest, bytes) of an image the registry holds, else None."""
+        try:
+            info = self.images.info(image)
+        except FleetvisorError:
+            return None
+        return info.digest, info.size
 
     def agent_for(self, instance_name: str) -> tuple[InstanceRow, HostRow, AgentClient]:
         """The instance and a client of the agent running it; 409 when it cannot be reached."""

@@ -26,7 +26,7 @@ from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.controller.tokens import digest, new_token
 from fleetvisor.errors import InvalidInput, NotFound
 from fleetvisor.model.entities import HostState, InstanceStatus, OperationKind
-from fleetvisor.model.specs import HostInfo, InstanceReport
+from fleetvisor.model.specs import CacheReport, HostInfo, InstanceReport
 from fleetvisor.store.db import Database
 from fleetvisor.store.tables import ClusterRow, HostRow, InstanceRow, OperationRow
 
@@ -66,7 +66,11 @@ class HostRegistry:
         info: HostInfo,
         labels: dict[str, str],
         instances: list[InstanceReport],
+        ready: bool = True,
+        cache: CacheReport | None = None,
     ) -> Registration:
+        """Upsert the host. `ready=False`: it prepares first (e.g. fills its image cache)
+        and stays `booting`, taking no instances, until a heartbeat says ready."""
         check_name("host", name)
         token = new_token("fvh")
         now = self.clock.now()
@@ -94,8 +98,9 @@ class HostRegistry:
                 cap_disk=capacity.disk,
                 cap_net=capacity.net,
                 last_heartbeat=now,
-                state=HostState.READY,
             )
+            if cache is not None:
+                fields["cache"] = cache.model_dump()
             if host is None:
                 host = HostRow(
                     id=new_id(),
@@ -107,6 +112,7 @@ class HostRegistry:
                     alloc_memory=0,
                     alloc_disk=0,
                     alloc_net=0,
+                    state=HostState.READY if ready else HostState.BOOTING,
                     **fields,
                 )
                 session.add(host)
@@ -123,6 +129,9 @@ class HostRegistry:
                 was = host.state
                 for key, value in fields.items():
                     setattr(host, key, value)
+                # An agent restart does not undo an operator's drain.
+                if was != HostState.DRAINING:
+                    host.state = HostState.READY if ready else HostState.BOOTING
                 host.generation += 1
                 events.record(
                     session,
@@ -138,7 +147,13 @@ class HostRegistry:
         return Registration(host=host, token=token, destroy=result.destroy)
 
     def heartbeat(
-        self, host_id: str, *, metrics: dict[str, Any], instances: list[InstanceReport]
+        self,
+        host_id: str,
+        *,
+        metrics: dict[str, Any],
+        instances: list[InstanceReport],
+        ready: bool | None = None,
+        cache: CacheReport | None = None,
     ) -> ReconcileResult:
         now = self.clock.now()
         with self.db.write() as session:
@@ -148,14 +163,26 @@ class HostRegistry:
             previous_heartbeat = host.last_heartbeat
             host.last_heartbeat = now
             host.metrics = metrics
+            if cache is not None:
+                host.cache = cache.model_dump()
             if host.state == HostState.DOWN:
-                host.state = HostState.READY
+                host.state = HostState.BOOTING if ready is False else HostState.READY
                 events.record(
                     session,
                     now,
                     "host.up",
                     f"host/{host.name}",
                     f"host {host.name} is back: heartbeats resumed",
+                )
+            elif host.state == HostState.BOOTING and ready:
+                host.state = HostState.READY
+                events.record(
+                    session,
+                    now,
+                    "host.ready",
+                    f"host/{host.name}",
+                    f"host {host.name} is ready: it takes instances now",
+                    cache=host.cache.get("counters", {}),
                 )
             return self._reconcile(session, host, instances, now, previous_heartbeat)
 

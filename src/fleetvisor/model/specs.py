@@ -84,6 +84,20 @@ class HostInfo(BaseModel):
     ] = []
 
 
+class CachedLayer(BaseModel):
+    digest: Annotated[SafeStr, StringConstraints(max_length=71)]
+    size: int = Field(ge=0, le=1 << 50)
+
+
+class CacheReport(BaseModel):
+    """A host's shared image cache: what it holds and how it has served launches."""
+
+    layers: Annotated[list[CachedLayer], Field(max_length=100_000)] = []
+    counters: Annotated[
+        dict[Annotated[SafeStr, StringConstraints(max_length=64)], Finite], Field(max_length=64)
+    ] = {}
+
+
 def spec_labels(spec: InstanceSpec, prefix: str) -> dict[str, Any]:
     """The labels of spec under `prefix` (e.g. driver knobs), prefix removed."""
     return {k[len(prefix) :]: v for k, v in spec.labels.items() if k.startswith(prefix)}
