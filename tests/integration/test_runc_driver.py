@@ -506,4 +506,4 @@ def test_host_info_reports_this_machine(host: Host) -> None:
     assert info.capacity.vcpus == len(os.sched_getaffinity(0)) * 1000
     assert info.capacity.memory > 0 and info.capacity.disk > 0
     assert info.cpu_model and info.driver == "runc"
-    assert info.capabilities == ["resize_live"]
+    assert info.capabilities == ["oci_images", "resize_live"]

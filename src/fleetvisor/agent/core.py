@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from fleetvisor.agent.image_cache import HostImageCache
 from fleetvisor.clock import Clock, RealClock
 from fleetvisor.drivers.base import Driver, UnknownInstance
 from fleetvisor.errors import NotFound
@@ -19,9 +20,13 @@ LOG_CHUNK = 64 * 1024
 
 
 class Agent:
-    def __init__(self, driver: Driver, clock: Clock | None = None) -> None:
+    def __init__(
+        self, driver: Driver, clock: Clock | None = None, images: HostImageCache | None = None
+    ) -> None:
         self.driver = driver
         self.clock = clock or RealClock()
+        self.images = images  # the host's image cache, for drivers that run real images
+        self._launching: dict[str, float] = {}  # instance -> when its create began
         # One lock per instance: the controller may retry a call while the first
         # attempt is still running; they must not interleave.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -31,11 +36,18 @@ class Agent:
 
     async def create(self, spec: InstanceSpec) -> InstanceReport:
         async with self._lock(spec.id):
+            self._launching.setdefault(spec.id, self.clock.monotonic())
+            if self.images is not None:
+                await self.images.prepare(spec.id, spec.image)
             return await self.driver.create(spec)
 
     async def start(self, instance_id: str) -> InstanceReport:
         async with self._lock(instance_id):
-            return await _known(instance_id, self.driver.start(instance_id))
+            report = await _known(instance_id, self.driver.start(instance_id))
+            began = self._launching.pop(instance_id, None)
+            if began is not None and self.images is not None:
+                self.images.record_launch(self.clock.monotonic() - began)
+            return report
 
     async def stop(self, instance_id: str) -> InstanceReport:
         async with self._lock(instance_id):
@@ -44,7 +56,10 @@ class Agent:
     async def destroy(self, instance_id: str) -> None:
         async with self._lock(instance_id):
             await self.driver.destroy(instance_id)
+            if self.images is not None:
+                await self.images.release(instance_id)
         self._locks.pop(instance_id, None)
+        self._launching.pop(instance_id, None)
 
     async def resize(self, instance_id: str, resources: Resources) -> InstanceReport:
         async with self._lock(instance_id):

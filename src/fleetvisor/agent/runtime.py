@@ -21,9 +21,11 @@ import uvicorn
 
 from fleetvisor.agent.api import create_agent_app
 from fleetvisor.agent.core import Agent
+from fleetvisor.agent.image_cache import HostImageCache
 from fleetvisor.client import ApiError, FleetClient
 from fleetvisor.clock import Clock, RealClock
 from fleetvisor.drivers.base import Driver, load_driver
+from fleetvisor.errors import DriverError
 
 log = logging.getLogger("fleetvisor.agent")
 
@@ -43,12 +45,20 @@ class AgentRuntime:
         port: int = 0,
         advertise: str | None = None,
         clock: Clock | None = None,
+        images: HostImageCache | None = None,
+        destroy_on_exit: bool = False,
     ) -> None:
         self.name = name
+        # A throwaway local fleet removes its instances when it stops; a real host's
+        # instances outlive its agent.
+        self.destroy_on_exit = destroy_on_exit
+        self.images = images
+        # A host that runs real images fills its cache before it takes instances.
+        self.ready = images is None
         self.cluster = cluster
         self.labels = labels or {}
         self.clock = clock or RealClock()
-        self.agent = Agent(driver, self.clock)
+        self.agent = Agent(driver, self.clock, images)
         self.state_dir = state_dir
         self.controller = FleetClient(controller_url, token)
         self.host_client: FleetClient | None = None
@@ -79,7 +89,13 @@ class AgentRuntime:
             stopping.cancel()
             server.should_exit = True
             await serving
+            if self.destroy_on_exit:
+                for report in await self.agent.list():
+                    log.info("removing %s as this agent exits", report.name)
+                    await self.agent.destroy(report.id)
             await self.agent.driver.close()
+            if self.images is not None:
+                self.images.close()
             self.controller.close()
             if self.host_client:
                 self.host_client.close()
@@ -87,7 +103,29 @@ class AgentRuntime:
 
     async def _register_then_heartbeat(self) -> None:
         await self._register_until_done()
-        await self._heartbeat_loop()
+        heartbeats = asyncio.create_task(self._heartbeat_loop())  # alive while preparing
+        try:
+            if not self.ready:
+                await self.prepopulate()
+                self.ready = True
+                await self.heartbeat()
+            await heartbeats
+        finally:
+            heartbeats.cancel()
+
+    async def prepopulate(self) -> None:
+        """Fill the image cache with the controller's plan, then count as ready."""
+        assert self.images is not None and self.host_client is not None
+        plan = await asyncio.to_thread(self.host_client.cache_plan, self.images.budget_bytes)
+        result = await self.images.prepopulate(plan)
+        log.info(
+            "image cache prepopulated: %d image(s), %d layer(s), %d bytes pulled in %.2fs%s",
+            result.images,
+            result.layers,
+            result.bytes_pulled,
+            result.seconds,
+            f"; failed: {', '.join(result.failed)}" if result.failed else "",
+        )
 
     async def _register_until_done(self) -> None:
         delay = 0.2
@@ -113,11 +151,16 @@ class AgentRuntime:
             "info": info.model_dump(),
             "labels": self.labels,
             "instances": [r.model_dump() for r in reports],
+            "ready": self.ready,
         }
+        if self.images is not None:
+            body["cache"] = self.images.report().model_dump()
         answer = await asyncio.to_thread(self.controller.register_host, body)
         if self.host_client:
             self.host_client.close()
         self.host_client = FleetClient(self.controller.url, answer["token"])
+        if self.images is not None:
+            self.images.connect(self.controller.url, answer["token"])
         self.heartbeat_interval = float(answer["heartbeat_interval"])
         await self._destroy(answer.get("destroy", []))
         log.info("registered as %s at %s (%d instances)", self.name, self.url, len(reports))
@@ -128,7 +171,10 @@ class AgentRuntime:
         body = {
             "metrics": await self.agent.host_metrics(),
             "instances": [r.model_dump() for r in reports],
+            "ready": self.ready,
         }
+        if self.images is not None:
+            body["cache"] = (await asyncio.to_thread(self.images.report)).model_dump()
         answer = await asyncio.to_thread(self.host_client.heartbeat, self.name, body)
         self.heartbeat_interval = float(answer["heartbeat_interval"])
         await self._destroy(answer.get("destroy", []))
@@ -174,9 +220,20 @@ def run_agent(
     labels: dict[str, str],
     listen: str,
     port: int,
+    cache_dir: Path,
+    cache_budget: int,
+    destroy_on_exit: bool = False,
 ) -> None:
     clock = RealClock()
-    driver = load_driver(driver_kind, clock=clock, state_dir=state_dir, options=driver_options)
+    images = None
+    if driver_kind != "sim":  # real drivers run real images from the host's cache
+        images = HostImageCache(cache_dir, clock, budget_bytes=cache_budget)
+    try:
+        driver = load_driver(
+            driver_kind, clock=clock, state_dir=state_dir, options=driver_options, rootfs=images
+        )
+    except DriverError as exc:  # e.g. a prerequisite is missing: say what to install
+        raise SystemExit(f"agent {name}: cannot start the {driver_kind} driver: {exc}") from None
     runtime = AgentRuntime(
         name=name,
         controller_url=controller_url,
@@ -188,5 +245,7 @@ def run_agent(
         listen=listen,
         port=port,
         clock=clock,
+        images=images,
+        destroy_on_exit=destroy_on_exit,
     )
     asyncio.run(runtime.run())

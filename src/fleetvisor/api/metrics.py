@@ -63,6 +63,16 @@ class FleetCollector(Collector):
         yield capacity
         yield allocated
         yield heartbeat
+        cache = GaugeMetricFamily(
+            "fleetvisor_host_image_cache",
+            "Host image cache counters "
+            "(hits, misses, bytes_pulled, bytes_saved, launch_p50_ms, ...)",
+            labels=["host", "counter"],
+        )
+        for host in hosts:
+            for counter, value in sorted((host.cache or {}).get("counters", {}).items()):
+                cache.add_metric([host.name, counter], value)
+        yield cache
         inst = GaugeMetricFamily("fleetvisor_instances", "Instances by status", labels=["status"])
         for status, count in sorted(instances):
             inst.add_metric([status], count)

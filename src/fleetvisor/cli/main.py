@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from fleetvisor import __version__
 from fleetvisor.cli import output
+from fleetvisor.cli.images import cache_app, image_app
 from fleetvisor.cli.output import console, emit_json, fail, styled, table
 from fleetvisor.client import ApiError, FleetClient, connect_local
 from fleetvisor.client.client import DEFAULT_PORT, default_state_dir
@@ -47,6 +48,8 @@ app.add_typer(op_app, name="op")
 app.add_typer(site_app, name="site")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(group_app, name="group")
+app.add_typer(image_app, name="image")
+app.add_typer(cache_app, name="cache")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 DriverOpt = Annotated[
@@ -263,6 +266,23 @@ def agent(
     capacity: Annotated[str, typer.Option(help="sim driver: host capacity.")] = "",
     seed: Annotated[int, typer.Option(help="sim driver: workload seed.")] = 0,
     driver_opt: DriverOpt = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="The machine's shared image cache (one for every agent on it) "
+            "[default: /var/lib/fleetvisor/cache]."
+        ),
+    ] = None,
+    cache_budget: Annotated[
+        str, typer.Option(help="Size the image cache may fill, e.g. 20G.")
+    ] = "20G",
+    destroy_on_exit: Annotated[
+        bool,
+        typer.Option(
+            help="Remove this host's instances when the agent exits "
+            "(throwaway fleets; real hosts keep them running)."
+        ),
+    ] = False,
 ) -> None:
     """Run a host agent: registers with the controller and runs instances through a driver."""
     from fleetvisor.agent.runtime import run_agent
@@ -280,10 +300,13 @@ def agent(
         driver_kind=driver,
         state_dir=state_dir or default_state_dir() / "agents" / host,
         driver_options={
-            "capacity": capacity,
-            "seed": str(seed),
+            **({"capacity": capacity} if capacity else {}),
+            **({"seed": str(seed)} if driver == "sim" else {}),
             **dict(_key_value(item, "driver option") for item in driver_opt or []),
         },
+        cache_dir=cache_dir or Path("/var/lib/fleetvisor/cache"),
+        cache_budget=parse_size_mib(cache_budget, what="cache budget") << 20,
+        destroy_on_exit=destroy_on_exit,
         cluster=cluster,
         labels=labels,
         listen=listen,
@@ -565,6 +588,23 @@ def host_show(name: str, as_json: JsonOpt = False) -> None:
         ],
     )
     console.print(f"  instances: {', '.join(i['name'] for i in instances) or '-'}")
+    counters = host.get("cache", {}).get("counters", {})
+    if counters:
+        from fleetvisor.cli.images import human
+
+        latency = (
+            f", launch p50 {counters['launch_p50_ms']:.0f} ms p95 "
+            f"{counters['launch_p95_ms']:.0f} ms"
+            if "launch_p50_ms" in counters
+            else ""
+        )
+        console.print(
+            f"  image cache: {len(host['cache'].get('layers', []))} layer(s), "
+            f"{human(counters.get('total_bytes', 0))} of {human(counters.get('budget_bytes', 0))}; "
+            f"hits {counters.get('hits', 0):.0f}, misses {counters.get('misses', 0):.0f}, "
+            f"pulled {human(counters.get('bytes_pulled', 0))}, "
+            f"saved by sharing {human(counters.get('bytes_saved', 0))}{latency}"
+        )
     return None
 
 

@@ -62,6 +62,7 @@ def connect_local(
 class FleetClient:
     def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
+        self.token = token
         self._http = httpx.Client(
             base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
         )
@@ -210,6 +211,29 @@ class FleetClient:
             raise ApiError(
                 0, "Controller unreachable", f"lost the output stream from {self.url}: {exc}"
             ) from exc
+
+    # -- images and the image cache ---------------------------------------------------------
+
+    def images(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/images")
+
+    def image(self, ref: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/images/{ref}")
+
+    def remove_image(self, ref: str) -> None:
+        self.request("DELETE", f"/v1/images/{ref}")
+
+    def cache_pins(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/cache/pins")
+
+    def pin_image(self, image: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/cache/pins", json={"image": image})
+
+    def unpin_image(self, image: str) -> None:
+        self.request("DELETE", f"/v1/cache/pins/{image}")
+
+    def cache_plan(self, budget_bytes: int) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/cache/plan", params={"budget_bytes": budget_bytes})
 
     # -- operations and events ---------------------------------------------------------------
 

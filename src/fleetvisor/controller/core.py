@@ -57,11 +57,11 @@ class Controller:
         self.clients = agent_clients or AgentClients()
         self.inventory = Inventory(self.db, self.clock)
         self.hosts = HostRegistry(self.db, self.clock, self.settings)
-        self.instances = InstanceService(self.db, self.clock, self.settings)
         self.runner = OperationRunner(self.db, self.clock, self.clients, self.settings)
         self.admin_token = ""
         self.images = ImageStore(state_dir / "images")
         self.cache = CachePlanner(self.db, self.clock, self.image_size)
+        self.instances = InstanceService(self.db, self.clock, self.settings, self.image_size)
         self._tasks: list[asyncio.Task[None]] = []
 
     def prepare(self) -> None:

@@ -11,6 +11,7 @@ a 409 that names the running operation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -62,10 +63,18 @@ class _StaleSnapshot(Exception):
 
 
 class InstanceService:
-    def __init__(self, db: Database, clock: Clock, settings: ControllerSettings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        settings: ControllerSettings,
+        image_lookup: Callable[[str], tuple[str, int] | None] | None = None,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.settings = settings
+        # image reference -> (manifest digest, size) when the fleet's registry holds it
+        self.image_lookup = image_lookup or (lambda _image: None)
 
     def create(self, request: InstanceRequest) -> tuple[InstanceRow, OperationRow]:
         check_name("instance", request.name)
@@ -105,9 +114,15 @@ class InstanceService:
                         f"placement group {request.placement_group!r} does not exist; "
                         "create it first (fleetvisor group create)"
                     )
+            found = self.image_lookup(request.image)
             decision = first_fit(
                 snapshot(session),
-                PlacementRequest(resources=request.resources, driver=request.driver),
+                PlacementRequest(
+                    resources=request.resources,
+                    driver=request.driver,
+                    image=request.image,
+                    image_available=found is not None,
+                ),
             )
             host = decision.host
             reserved = reserve(session, host.id, host.generation, request.resources)
@@ -117,6 +132,7 @@ class InstanceService:
                 id=new_id(),
                 name=request.name,
                 image=request.image,
+                image_digest=found[0] if found else None,
                 driver=host.driver,
                 command=request.command,
                 env=request.env,
@@ -234,6 +250,8 @@ def snapshot(session: Session) -> list[HostCandidate]:
             cluster=cluster,
             site=site,
             labels=h.labels,
+            capabilities=frozenset(h.capabilities),
+            cached_layers=frozenset(layer["digest"] for layer in (h.cache or {}).get("layers", [])),
         )
         for h, cluster, site in rows
     ]

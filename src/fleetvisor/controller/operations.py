@@ -28,6 +28,7 @@ from fleetvisor.controller.instances import release
 from fleetvisor.controller.operation_records import ACTIVE_OPS
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.errors import AgentUnreachable, DriverError
+from fleetvisor.images.store import Reference
 from fleetvisor.model.entities import (
     HostState,
     InstanceStatus,
@@ -360,10 +361,13 @@ async def _quietly(call: Awaitable[None]) -> None:
 
 
 def _spec(instance: InstanceRow) -> InstanceSpec:
+    image = instance.image
+    if instance.image_digest:  # the exact content resolved at create time
+        image = f"{Reference.parse(image).name}@{instance.image_digest}"
     return InstanceSpec(
         id=instance.id,
         name=instance.name,
-        image=instance.image,
+        image=image,
         command=instance.command,
         env=instance.env,
         labels=instance.labels,

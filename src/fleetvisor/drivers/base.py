@@ -22,6 +22,7 @@ class Capability(StrEnum):
     LIVE_MIGRATE = "live_migrate"
     DISK_DIFF = "disk_diff"
     SECURE_GUEST = "secure_guest"
+    OCI_IMAGES = "oci_images"  # runs real images: they must be in the fleet's registry
 
 
 class Driver(Protocol):
@@ -73,11 +74,29 @@ class UnknownInstance(KeyError):
     """The driver has no instance with this id."""
 
 
-def load_driver(kind: str, *, clock: Clock, state_dir: Path, options: dict[str, str]) -> Driver:
+DRIVERS = ("sim", "runc")
+
+
+def load_driver(
+    kind: str,
+    *,
+    clock: Clock,
+    state_dir: Path,
+    options: dict[str, str],
+    rootfs: RootfsProvider | None = None,
+) -> Driver:
+    from fleetvisor.errors import InvalidInput
+
     if kind == "sim":
         from fleetvisor.drivers.sim import SimDriver
 
         return SimDriver.from_options(clock=clock, state_dir=state_dir, options=options)
-    from fleetvisor.errors import InvalidInput
+    if kind == "runc":
+        from fleetvisor.drivers.runc import RuncDriver
 
-    raise InvalidInput(f"unknown driver {kind!r}; available drivers: sim")
+        if rootfs is None:
+            raise InvalidInput("the runc driver needs the host's image cache")
+        return RuncDriver.from_options(
+            clock=clock, state_dir=state_dir, options=options, rootfs=rootfs
+        )
+    raise InvalidInput(f"unknown driver {kind!r}; available drivers: {', '.join(DRIVERS)}")

@@ -140,10 +140,18 @@ class LocalFleet:
                     self.options.driver,
                     "--state-dir",
                     str(self.state_dir / "agents" / name),
+                    "--cache-dir",  # one image cache for the machine, shared by its agents
+                    str(self.state_dir / "cache"),
                 ]
             )
-            if self.options.host_capacity:
-                agent_argv += ["--capacity", self.options.host_capacity]
+            capacity = self.options.host_capacity
+            if not capacity and self.options.driver != "sim":
+                capacity = _machine_share(self.options.hosts)  # hosts share one machine
+            if capacity:
+                agent_argv += ["--capacity", capacity]
+            if self.options.driver != "sim":
+                # Real instances would outlive the fleet's network: take them down with it.
+                agent_argv += ["--destroy-on-exit", "--driver-opt", "stop_grace=3"]
             if net:
                 agent_argv += [
                     "--listen",
@@ -268,7 +276,7 @@ class LocalFleet:
                     self.say(f"{child.name} exited (code {code}); see {child.log}")
             time.sleep(0.2)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         """Agents first (they stop heartbeating), then the controller; SIGKILL stragglers."""
         for group in (self.agents, [self.controller] if self.controller else []):
             for child in group:
@@ -286,6 +294,14 @@ class LocalFleet:
         if self.network is not None:
             self.network.destroy()
         (self.state_dir / FLEET_FILE).unlink(missing_ok=True)
+
+
+def _machine_share(hosts: int) -> str:
+    """This machine's CPUs and memory split evenly among `hosts` real agents."""
+    cpus = len(os.sched_getaffinity(0))
+    meminfo = Path("/proc/meminfo").read_text().split()
+    memory_mib = int(meminfo[meminfo.index("MemTotal:") + 1]) // 1024
+    return f"cpu={cpus * 1000 // hosts}m,memory={memory_mib // hosts}M"
 
 
 def _alive(pid: int) -> bool:

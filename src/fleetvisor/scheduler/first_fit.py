@@ -18,6 +18,11 @@ def rejection(host: HostCandidate, request: PlacementRequest) -> str | None:
         return f"host is {host.state}, not ready"
     if request.driver and host.driver != request.driver:
         return f"runs driver {host.driver}, not {request.driver}"
+    if not request.image_available and "oci_images" in host.capabilities:
+        return (
+            f"runs real images and {request.image or 'the image'} is not in the fleet's "
+            "registry (fleetvisor image import)"
+        )
     short = request.resources.shortfall(host.free)
     if short:
         return "not enough " + ", ".join(describe_shortfall(dim, n) for dim, n in short.items())

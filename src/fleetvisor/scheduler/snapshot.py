@@ -19,6 +19,8 @@ class HostCandidate:
     cluster: str = ""
     site: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    capabilities: frozenset[str] = frozenset()
+    cached_layers: frozenset[str] = frozenset()  # digests in the host's image cache
 
     @property
     def free(self) -> Resources:
@@ -30,6 +32,10 @@ class PlacementRequest:
     resources: Resources
     driver: str | None = None
     exclude_hosts: frozenset[str] = frozenset()
+    image: str = ""
+    # False when the fleet's registry lacks the image: only hosts whose driver needs no
+    # real image (the sim driver) can take the instance then.
+    image_available: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,7 +161,7 @@ class RuncDriver:
         )
 
     def capabilities(self) -> set[Capability]:
-        return {Capability.RESIZE_LIVE}
+        return {Capability.RESIZE_LIVE, Capability.OCI_IMAGES}
 
     def log_path(self, instance_id: str) -> Path:
         """The file holding the instance's stdout and stderr (appended across starts)."""

@@ -31,7 +31,6 @@ from fleetvisor.drivers.runc import commands
 from fleetvisor.errors import DriverError, InvalidInput
 
 PROJECT_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
-SYS_NET = Path("/sys/class/net")
 
 
 def parse_subnet(text: str) -> ipaddress.IPv4Network:
@@ -129,8 +128,23 @@ class AddressPool:
             return len(self._load())
 
 
+def _net_dev() -> dict[str, tuple[int, int]]:
+    """Interface -> (rx bytes, tx bytes) in this process's network namespace.
+
+    /proc/net/dev follows the reader's netns; /sys/class/net follows the netns sysfs was
+    mounted in, which is not ours when the agent runs under `nsenter --net`.
+    """
+    table: dict[str, tuple[int, int]] = {}
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, _, fields = line.partition(":")
+        values = fields.split()
+        if len(values) >= 9:
+            table[name.strip()] = (int(values[0]), int(values[8]))
+    return table
+
+
 def link_exists(name: str) -> bool:
-    return (SYS_NET / name).exists()
+    return name in _net_dev()
 
 
 def netns_exists(name: str) -> bool:
@@ -139,12 +153,7 @@ def netns_exists(name: str) -> bool:
 
 def counters(host_veth: str) -> tuple[int, int]:
     """(bytes the instance received, bytes it sent), from the host end of its veth."""
-    statistics = SYS_NET / host_veth / "statistics"
-    try:
-        host_tx = int((statistics / "tx_bytes").read_text())
-        host_rx = int((statistics / "rx_bytes").read_text())
-    except (OSError, ValueError):
-        return 0, 0
+    host_rx, host_tx = _net_dev().get(host_veth, (0, 0))
     return host_tx, host_rx
 
 
