@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from fleetvisor import __version__
 from fleetvisor.cli import output
+from fleetvisor.cli.bench import bench_app
 from fleetvisor.cli.images import cache_app, image_app
 from fleetvisor.cli.output import console, emit_json, fail, styled, table
 from fleetvisor.client import ApiError, FleetClient, connect_local
@@ -50,6 +51,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(group_app, name="group")
 app.add_typer(image_app, name="image")
 app.add_typer(cache_app, name="cache")
+app.add_typer(bench_app, name="bench")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 DriverOpt = Annotated[
