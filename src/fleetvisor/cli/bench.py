@@ -4,5 +4,7 @@ from __future__ import annotations
 
 import typer
 
-bench_app = typer.Typer(help="Benchmarks: each prints JSON with its figure and a baseline "
-                        "measured in the same run.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: each prints JSON with its figure and a baseline measured in the same run.",
+    no_args_is_help=True,
+)

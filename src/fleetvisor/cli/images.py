@@ -46,6 +46,39 @@ def image_import(
     as_json: JsonOpt = False,
 ) -> None:
     """Import an image into the fleet's registry (every digest verified), ready to run."""
+    _import_and_push(source, name, as_json)
+
+
+@image_app.command("build")
+def image_build(
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="busybox (from Debian's busybox-static, with an "
+            "httpd layer) or minbase (Debian minbase, debootstrap)."
+        ),
+    ],
+    name: Annotated[str | None, typer.Option(help="NAME[:TAG] [default: KIND:latest].")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a small real image on this machine and import it: no public registry needed."""
+    from fleetvisor.images import build
+
+    with tempfile.TemporaryDirectory(prefix="fv-build-") as scratch:
+        out = Path(scratch) / "layout"
+        if kind == "busybox":
+            build.build_busybox_image(out, extra_layers=[build.httpd_layer()])
+        elif kind == "minbase":
+            cache = Path.home() / ".cache" / "fleetvisor" / "rootfs"
+            with console.status("debootstrap (a minute the first time; cached after)…"):
+                tree = build.debootstrap_minbase(cache)
+            build.build_rootfs_image(out, tree)
+        else:
+            raise typer.BadParameter(f"{kind!r}: build busybox or minbase")
+        _import_and_push(out, name or f"{kind}:latest", as_json)
+
+
+def _import_and_push(source: Path, name: str, as_json: bool) -> None:
     from fleetvisor.images.archive import import_image
     from fleetvisor.images.registry_client import RegistryClient
     from fleetvisor.images.store import ImageStore
