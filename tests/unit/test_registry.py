@@ -7,16 +7,12 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from fleetvisor.errors import Forbidden, NotFound, Unauthorized
@@ -30,6 +26,7 @@ from fleetvisor.images.store import (
     OCI_MANIFEST,
     ImageStore,
 )
+from helpers import serving
 
 ADMIN = "admin-token-for-tests"
 PULLER = "host-token-for-tests"
@@ -61,27 +58,6 @@ def add_image(store: ImageStore, ref: str | None, name: str, seed: str, arch: st
         "layers": [d.to_json() for d in layers],
     }
     return store.put_manifest(name, ref, json.dumps(manifest).encode(), OCI_MANIFEST)
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Serve `app` with uvicorn on 127.0.0.1 (random port) in a thread; stop it on exit."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, name="registry-test-server", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        assert not thread.is_alive()
 
 
 @dataclass
