@@ -14,18 +14,16 @@ import os
 import shutil
 import subprocess
 import tarfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from fleetvisor.images.archive import import_image
 from fleetvisor.images.registry_server import registry_router, token_authorizer
 from fleetvisor.images.store import ImageStore
+from helpers import serving
 
 ADMIN = "skopeo-admin-token"
 PULLER = "skopeo-host-token"
@@ -108,21 +106,8 @@ def registry(tmp_path: Path) -> Iterator[tuple[str, ImageStore]]:
     app.include_router(
         registry_router(lambda _request: store, token_authorizer(ADMIN, lambda t: t == PULLER))
     )
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, name="skopeo-test-registry", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"127.0.0.1:{port}", store
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serving(app) as url:
+        yield url.removeprefix("http://"), store
 
 
 def skopeo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -123,3 +123,26 @@ def parse_cpu(text: str | float | int) -> int:
     if milli.denominator != 1:
         raise InvalidInput(f"cpu {text!r} is finer than a millicore; round it to 3 decimals")
     return int(milli)
+
+
+def parse_capacity(text: str) -> dict[str, int]:
+    """'cpu=2,memory=4G,disk=500,net=1000' -> {"vcpus": 2000, "memory": 4096, ...}: only
+    the dimensions given ('' -> {}), for a driver to lay over what it measured."""
+    values: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not sep:
+            raise InvalidInput(f"capacity part {part!r} needs key=value, e.g. cpu=2,memory=4G")
+        if key in ("cpu", "vcpus"):
+            values["vcpus"] = parse_cpu(value)
+        elif key == "memory":
+            values["memory"] = parse_size_mib(value)
+        elif key == "disk":
+            values["disk"] = parse_size_gib(value)
+        elif key == "net":
+            if not value.isdigit():
+                raise InvalidInput(f"net {value!r} is not a whole number of Mbit/s, e.g. net=1000")
+            values["net"] = int(value)
+        else:
+            raise InvalidInput(f"unknown capacity key {key!r}; use cpu, memory, disk or net")
+    return values

@@ -45,7 +45,7 @@ from fleetvisor.drivers.runc.network import (
 from fleetvisor.drivers.runc.prereqs import check_prerequisites
 from fleetvisor.drivers.runc.usage import UsageSampler
 from fleetvisor.errors import DriverError, InvalidInput
-from fleetvisor.model.resources import Resources, parse_cpu, parse_size_gib, parse_size_mib
+from fleetvisor.model.resources import Resources, parse_capacity, parse_size_mib
 from fleetvisor.model.specs import HostInfo, InstanceReport, InstanceSpec, ResourceVector
 
 N = TypeVar("N", int, float)
@@ -501,22 +501,7 @@ class RuncDriver:
 
 def parse_capacity_limit(text: str) -> dict[str, int]:
     """'cpu=2,memory=4G' -> {"vcpus": 2000, "memory": 4096}; '' -> {} (all measured)."""
-    limit: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = (x.strip() for x in part.partition("="))
-        if not sep:
-            raise InvalidInput(f"capacity part {part!r} needs key=value, e.g. cpu=2,memory=4G")
-        if key in ("cpu", "vcpus"):
-            limit["vcpus"] = parse_cpu(value)
-        elif key == "memory":
-            limit["memory"] = parse_size_mib(value)
-        elif key == "disk":
-            limit["disk"] = parse_size_gib(value)
-        elif key == "net":
-            limit["net"] = _number({"net": value}, "net", value, int)
-        else:
-            raise InvalidInput(f"unknown capacity key {key!r}; use cpu, memory, disk or net")
-    return limit
+    return parse_capacity(text)
 
 
 def _number(options: dict[str, str], key: str, default: str, kind: type[N]) -> N:

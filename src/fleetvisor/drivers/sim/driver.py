@@ -19,8 +19,9 @@ from pathlib import Path
 from fleetvisor.clock import Clock
 from fleetvisor.drivers.base import Capability, UnknownInstance
 from fleetvisor.drivers.sim.workload import WorkloadModel
-from fleetvisor.errors import DriverError, InvalidInput
-from fleetvisor.model.resources import Resources, parse_cpu, parse_size_gib, parse_size_mib
+from fleetvisor.errors import DriverError
+from fleetvisor.model.resources import Resources
+from fleetvisor.model.resources import parse_capacity as parse_capacity_overrides
 from fleetvisor.model.specs import (
     HostInfo,
     InstanceReport,
@@ -35,23 +36,7 @@ DEFAULT_CAPACITY = Resources(vcpus=16_000, memory=65_536, disk=500, net=10_000)
 
 def parse_capacity(text: str) -> Resources:
     """'cpu=16,memory=64G,disk=500,net=10000' -> Resources (missing keys keep the default)."""
-    values = DEFAULT_CAPACITY.as_dict()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise InvalidInput(f"capacity part {part!r} needs key=value, e.g. cpu=8,memory=32G")
-        key = key.strip()
-        if key in ("cpu", "vcpus"):
-            values["vcpus"] = parse_cpu(value)
-        elif key == "memory":
-            values["memory"] = parse_size_mib(value)
-        elif key == "disk":
-            values["disk"] = parse_size_gib(value)
-        elif key == "net":
-            values["net"] = int(value)
-        else:
-            raise InvalidInput(f"unknown capacity key {key!r}; use cpu, memory, disk or net")
-    return Resources(**values)
+    return Resources(**{**DEFAULT_CAPACITY.as_dict(), **parse_capacity_overrides(text)})
 
 
 class SimDriver:
