@@ -10,6 +10,8 @@ want=(
     "iptables:iptables"
     "debootstrap:debootstrap"
     "iproute2:ip"
+    "swtpm:swtpm"
+    "tpm2-tools:tpm2_quote"
 )
 missing=()
 for item in "${want[@]}"; do
