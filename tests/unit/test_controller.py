@@ -215,3 +215,23 @@ async def test_restarted_controller_resumes_an_interrupted_create(
     assert (final.state, final.attempts) == ("succeeded", 2)
     assert [(r.id, r.state) for r in await agent.list()] == [(instance.id, "running")]
     assert second.controller.hosts.get("host-1").allocated == SMALL
+
+
+async def test_heartbeats_keep_a_sampled_utilization_history(fleet: InProcessFleet) -> None:
+    """One sample per host per sample interval, instance usage with it; old ones pruned."""
+    from fleetvisor.store.tables import HostSampleRow
+
+    fleet.controller.instances.create(request("web-1"))
+    await fleet.settle()
+    clock = fleet.clock
+    assert isinstance(clock, VirtualClock)
+    for _ in range(30):  # 30 heartbeats, 5 s apart: a sample every 60 s
+        await clock.advance(5.0)
+        await fleet.heartbeat("host-1")
+    with fleet.controller.db.read() as session:
+        samples = list(session.scalars(select(HostSampleRow).order_by(HostSampleRow.at)))
+    assert len(samples) == 3
+    assert all(0.0 < s.cpu < 1.0 and 0.0 <= s.memory < 1.0 for s in samples)
+    assert fleet.controller.instances.get("web-1").usage["cpu_millicores"] > 0
+    await clock.advance(SETTINGS.sample_retention - 50)  # cutoff between 2nd and 3rd
+    assert fleet.controller.hosts.prune_samples() == 2

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from fleetvisor.controller.instances import reserve
+from fleetvisor.controller.placement import reserve
 from fleetvisor.model.resources import Resources
 from fleetvisor.store.db import Database
 from fleetvisor.store.tables import Base, ClusterRow, HostRow, SiteRow

@@ -32,6 +32,8 @@ from fleetvisor.api.schemas import (
     HostRegisterOut,
     HostStateIn,
     InstanceAccepted,
+    InstanceBatchAccepted,
+    InstanceBatchIn,
     InstanceIn,
     InstanceOut,
     OperationOut,
@@ -283,23 +285,39 @@ def _instance_routes() -> APIRouter:
     def create_instance(request: Request, body: InstanceIn) -> InstanceAccepted:
         """Place and create an instance; answers at once with the create operation."""
         controller = controller_of(request)
-        instance, op = controller.instances.create(
-            InstanceRequest(
-                name=body.name,
-                image=body.image,
-                resources=body.resources.to_resources(),
-                command=body.command,
-                env=body.env,
-                labels=body.labels,
-                driver=body.driver,
-                placement_group=body.placement_group,
-                start=body.start,
-            )
-        )
+        instance, op = controller.instances.create(_instance_request(body))
         controller.runner.wake()
         return InstanceAccepted(
             instance=out(controller, [instance])[0], operation=operation_out(op)
         )
+
+    @router.post("/batch", status_code=202)
+    def create_instances(request: Request, body: InstanceBatchIn) -> InstanceBatchAccepted:
+        """Place and create several instances all or nothing (e.g. a group's members)."""
+        controller = controller_of(request)
+        created = controller.instances.create_many([_instance_request(b) for b in body.instances])
+        controller.runner.wake()
+        rows = out(controller, [instance for instance, _ in created])
+        return InstanceBatchAccepted(
+            accepted=[
+                InstanceAccepted(instance=row, operation=operation_out(op))
+                for row, (_, op) in zip(rows, created, strict=True)
+            ]
+        )
+
+    @router.get("/{name}/explain")
+    def explain_instance(request: Request, name: str) -> dict[str, Any]:
+        """Why the instance went where it went: filtered hosts with reasons, the score
+        table per model, the winner (recorded when it was placed)."""
+        instance = controller_of(request).instances.get(name)
+        if not instance.placement:
+            raise NotFound(f"{name} has no recorded placement explanation")
+        return instance.placement
+
+    @router.post("/explain")
+    def explain_request(request: Request, body: InstanceIn) -> dict[str, Any]:
+        """Where an instance like this would go now, and why; nothing is reserved."""
+        return controller_of(request).instances.explain(_instance_request(body))
 
     @router.get("/{name}")
     def get_instance(request: Request, name: str) -> InstanceOut:
@@ -424,6 +442,21 @@ def _event_routes() -> APIRouter:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     return router
+
+
+def _instance_request(body: InstanceIn) -> InstanceRequest:
+    return InstanceRequest(
+        name=body.name,
+        image=body.image,
+        resources=body.resources.to_resources(),
+        command=body.command,
+        env=body.env,
+        labels=body.labels,
+        driver=body.driver,
+        placement_group=body.placement_group,
+        start=body.start,
+        required_labels=body.required_labels,
+    )
 
 
 def _events_after(

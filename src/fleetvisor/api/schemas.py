@@ -143,6 +143,9 @@ class InstanceIn(BaseModel):
     driver: Annotated[SafeStr, StringConstraints(max_length=16)] | None = None
     placement_group: Name | None = None
     start: bool = True
+    required_labels: StringMap = Field(
+        default_factory=dict, description="host labels the instance needs (key=value)"
+    )
 
 
 class InstanceOut(BaseModel):
@@ -179,6 +182,14 @@ class OperationOut(BaseModel):
 class InstanceAccepted(BaseModel):
     instance: InstanceOut
     operation: OperationOut
+
+
+class InstanceBatchIn(BaseModel):
+    instances: Annotated[list[InstanceIn], Field(min_length=1, max_length=1000)]
+
+
+class InstanceBatchAccepted(BaseModel):
+    accepted: list[InstanceAccepted]
 
 
 class GroupIn(BaseModel):

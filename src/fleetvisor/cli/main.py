@@ -331,6 +331,9 @@ def run(
         list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeat).")
     ] = None,
     label: Annotated[list[str] | None, typer.Option(help="key=value (repeat).")] = None,
+    require_label: Annotated[
+        list[str] | None, typer.Option(help="Only hosts with this label key=value (repeat).")
+    ] = None,
     group: Annotated[str | None, typer.Option(help="Placement group.")] = None,
     driver: Annotated[str | None, typer.Option(help="Only hosts with this driver.")] = None,
     stopped: Annotated[bool, typer.Option("--stopped", help="Create but do not start.")] = False,
@@ -352,6 +355,7 @@ def run(
         "env": dict(_key_value(e, "env") for e in env or []),
         "labels": dict(_key_value(item, "label") for item in label or []),
         "placement_group": group,
+        "required_labels": dict(_key_value(item, "label") for item in require_label or []),
         "driver": driver,
         "start": not stopped,
     }
@@ -472,6 +476,16 @@ def logs(
         for chunk in ctx.client().logs(name, follow=follow, tail=tail):
             sys.stdout.write(chunk)
             sys.stdout.flush()
+
+
+@app.command()
+def explain(name: str, as_json: JsonOpt = False) -> None:
+    """Why an instance went where it went: hosts filtered out and why, scores per model."""
+    placement = ctx.client().explain(name)
+    if as_json:
+        emit_json(placement)
+    else:
+        console.print(placement.get("text", ""), markup=False)
 
 
 WaitOpt = Annotated[bool, typer.Option(help="Wait for the operation to end.")]

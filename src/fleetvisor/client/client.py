@@ -182,6 +182,12 @@ class FleetClient:
     def create_instance(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/v1/instances", json=body)
 
+    def create_instances(self, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.request("POST", "/v1/instances/batch", json={"instances": bodies})
+
+    def explain(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/instances/{name}/explain")
+
     def start_instance(self, name: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/instances/{name}/start")
 

@@ -85,9 +85,13 @@ class Controller:
         self._tasks = []
 
     async def _health_loop(self) -> None:
+        ticks = 0
         while True:
+            ticks += 1
             try:
                 self.hosts.mark_stale_hosts_down()
+                if ticks % 600 == 0:  # every few minutes: samples past the retention go
+                    self.hosts.prune_samples()
             except Exception:  # keep watching: one bad tick must not end liveness checks
                 log.exception("health check failed")
             await self.clock.sleep(self.settings.health_check_interval)

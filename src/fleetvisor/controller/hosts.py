@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from fleetvisor.clock import Clock
@@ -27,8 +27,9 @@ from fleetvisor.controller.tokens import digest, new_token
 from fleetvisor.errors import InvalidInput, NotFound
 from fleetvisor.model.entities import HostState, InstanceStatus, OperationKind
 from fleetvisor.model.specs import CacheReport, HostInfo, InstanceReport
+from fleetvisor.scheduler.telemetry import utilization_from_metrics
 from fleetvisor.store.db import Database
-from fleetvisor.store.tables import ClusterRow, HostRow, InstanceRow, OperationRow
+from fleetvisor.store.tables import ClusterRow, HostRow, HostSampleRow, InstanceRow, OperationRow
 
 _REPORTED_STATUS = {
     "running": InstanceStatus.RUNNING,
@@ -163,6 +164,19 @@ class HostRegistry:
             previous_heartbeat = host.last_heartbeat
             host.last_heartbeat = now
             host.metrics = metrics
+            sample = now - host.last_sample_at >= self.settings.sample_interval
+            if sample:
+                fractions = utilization_from_metrics(metrics, host.capacity)
+                session.add(
+                    HostSampleRow(
+                        host_id=host.id,
+                        at=now,
+                        cpu=fractions["vcpus"],
+                        memory=fractions["memory"],
+                        net=fractions["net"],
+                    )
+                )
+                host.last_sample_at = now
             if cache is not None:
                 host.cache = cache.model_dump()
             if host.state == HostState.DOWN:
@@ -184,7 +198,9 @@ class HostRegistry:
                     f"host {host.name} is ready: it takes instances now",
                     cache=host.cache.get("counters", {}),
                 )
-            return self._reconcile(session, host, instances, now, previous_heartbeat)
+            return self._reconcile(
+                session, host, instances, now, previous_heartbeat, record_usage=sample
+            )
 
     def mark_stale_hosts_down(self) -> list[str]:
         """Hosts whose last heartbeat is older than the allowed gap become `down`."""
@@ -228,6 +244,13 @@ class HostRegistry:
                 )
             return [host.name for host in stale]
 
+    def prune_samples(self) -> int:
+        """Drop utilization samples older than the retention; returns how many."""
+        cutoff = self.clock.now() - self.settings.sample_retention
+        with self.db.write() as session:
+            result = session.execute(delete(HostSampleRow).where(HostSampleRow.at < cutoff))
+            return int(cast(CursorResult[Any], result).rowcount or 0)
+
     def get(self, name: str) -> HostRow:
         with self.db.read() as session:
             host = session.scalar(select(HostRow).where(HostRow.name == name))
@@ -270,6 +293,7 @@ class HostRegistry:
         reports: list[InstanceReport],
         now: float,
         previous_heartbeat: float | None = None,
+        record_usage: bool = False,
     ) -> ReconcileResult:
         result = ReconcileResult()
         reported = {report.id: report for report in reports}
@@ -305,6 +329,8 @@ class HostRegistry:
                 )
                 result.recover.append(op.id)
                 continue
+            if record_usage:
+                instance.usage = dict(report.usage)
             status = _REPORTED_STATUS.get(report.state, InstanceStatus.ERROR)
             if instance.status != status:
                 events.record(

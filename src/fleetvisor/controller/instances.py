@@ -1,8 +1,9 @@
 """Instances: accept a request, place it, reserve capacity, and hand the work to an operation.
 
-    create -> validate -> snapshot ready hosts -> first fit -> reserve (optimistic,
-              host generation) + insert instance + insert operation, one transaction
-           -> OperationRunner drives the agent
+    create(_many) -> validate -> placement.place: fleet snapshot -> placement engine
+              (filters, scoring models, groups; a batch is all-or-nothing) -> reserve
+              (optimistic: host and group generations) + instances + operations + events,
+              one transaction -> OperationRunner drives the agents
     start/stop -> desired power + operation; delete -> operation
 
 An instance has at most one operation in flight; a second request while one runs is
@@ -11,38 +12,49 @@ a 409 that names the running operation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from fleetvisor.clock import Clock
 from fleetvisor.controller import events
 from fleetvisor.controller.naming import check_name, new_id
 from fleetvisor.controller.operation_records import ACTIVE_OPS, new_operation
+from fleetvisor.controller.placement import Stale, UtilizationHistory, build_fleet, place
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from fleetvisor.model.entities import (
-    HostState,
     InstanceStatus,
     OperationKind,
     PowerState,
 )
 from fleetvisor.model.resources import Resources
-from fleetvisor.scheduler import HostCandidate, PlacementRequest, first_fit
+from fleetvisor.scheduler import (
+    PlacementDecision,
+    PlacementEngine,
+    PlacementRequest,
+    SchedulerConfig,
+)
 from fleetvisor.store.db import Database
 from fleetvisor.store.tables import (
-    ClusterRow,
     HostRow,
     InstanceRow,
     OperationRow,
     PlacementGroupRow,
-    SiteRow,
 )
 
 RESERVE_ATTEMPTS = 8
+
+
+def _check_request(request: InstanceRequest) -> None:
+    check_name("instance", request.name)
+    if not request.image.strip():
+        raise InvalidInput("image must not be empty; pass e.g. --image busybox")
+    if request.resources.vcpus <= 0 or request.resources.memory <= 0:
+        raise InvalidInput("an instance needs cpu > 0 and memory > 0, e.g. --cpu 0.5 --memory 256M")
 
 
 @dataclass
@@ -56,10 +68,7 @@ class InstanceRequest:
     driver: str | None = None
     placement_group: str | None = None
     start: bool = True
-
-
-class _StaleSnapshot(Exception):
-    """Another reservation changed the chosen host first: place again."""
+    required_labels: dict[str, str] = field(default_factory=dict)  # host labels k=v
 
 
 class InstanceService:
@@ -69,102 +78,157 @@ class InstanceService:
         clock: Clock,
         settings: ControllerSettings,
         image_lookup: Callable[[str], tuple[str, int] | None] | None = None,
+        scheduler: SchedulerConfig | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
         self.settings = settings
         # image reference -> (manifest digest, size) when the fleet's registry holds it
         self.image_lookup = image_lookup or (lambda _image: None)
+        self.scheduler = scheduler or SchedulerConfig()
+        self.history = UtilizationHistory(db, clock)
 
     def create(self, request: InstanceRequest) -> tuple[InstanceRow, OperationRow]:
-        check_name("instance", request.name)
-        if not request.image.strip():
-            raise InvalidInput("image must not be empty; pass e.g. --image busybox")
-        if request.resources.vcpus <= 0 or request.resources.memory <= 0:
-            raise InvalidInput(
-                "an instance needs cpu > 0 and memory > 0, e.g. --cpu 0.5 --memory 256M"
-            )
+        return self.create_many([request])[0]
+
+    def create_many(
+        self, requests: Sequence[InstanceRequest]
+    ) -> list[tuple[InstanceRow, OperationRow]]:
+        """Place and reserve every instance, or none (a placement group's members at once)."""
+        if not requests:
+            raise InvalidInput("give at least one instance to create")
+        names = [r.name for r in requests]
+        if len(set(names)) != len(names):
+            raise InvalidInput("instance names in one request must differ")
+        for request in requests:
+            _check_request(request)
         for attempt in range(RESERVE_ATTEMPTS):
             try:
-                return self._place_and_reserve(request)
-            except _StaleSnapshot:
+                return self._place_and_reserve(requests)
+            except Stale:
                 if attempt == RESERVE_ATTEMPTS - 1:
                     raise Conflict(
-                        "the fleet is changing too fast to place this instance; retry the request"
+                        "the fleet is changing too fast to place this; retry the request"
                     ) from None
         raise AssertionError("unreachable")
 
-    def _place_and_reserve(self, request: InstanceRequest) -> tuple[InstanceRow, OperationRow]:
+    def explain(self, request: InstanceRequest) -> dict[str, Any]:
+        """Where `request` would go now and why, without reserving anything."""
+        _check_request(request)
+        with self.db.read() as session:
+            fleet, _ = build_fleet(session, self.history.get())
+            found = self.image_lookup(request.image)
+            engine = PlacementEngine(fleet, self.scheduler)
+            explanation = engine.explain(self._placement_request(request, found))
+            return {"text": explanation.render(), **explanation.as_dict()}
+
+    def _placement_request(
+        self, request: InstanceRequest, found: tuple[str, int] | None
+    ) -> PlacementRequest:
+        return PlacementRequest(
+            resources=request.resources,
+            driver=request.driver,
+            image=request.image,
+            image_available=found is not None,
+            name=request.name,
+            groups=(request.placement_group,) if request.placement_group else (),
+            required_labels=request.required_labels,
+        )
+
+    def _place_and_reserve(
+        self, requests: Sequence[InstanceRequest]
+    ) -> list[tuple[InstanceRow, OperationRow]]:
         now = self.clock.now()
         with self.db.write() as session:
-            if session.scalar(select(InstanceRow.id).where(InstanceRow.name == request.name)):
+            taken = set(
+                session.scalars(
+                    select(InstanceRow.name).where(InstanceRow.name.in_([r.name for r in requests]))
+                )
+            )
+            if taken:
+                name = sorted(taken)[0]
                 raise AlreadyExists(
-                    f"instance {request.name!r} already exists; pick another name "
-                    f"or remove it first (fleetvisor rm {request.name})"
+                    f"instance {name!r} already exists; pick another name "
+                    f"or remove it first (fleetvisor rm {name})"
                 )
-            group_id = None
-            if request.placement_group:
-                group_id = session.scalar(
-                    select(PlacementGroupRow.id).where(
-                        PlacementGroupRow.name == request.placement_group
-                    )
-                )
-                if group_id is None:
+            group_ids = {
+                name: group_id
+                for name, group_id in session.execute(
+                    select(PlacementGroupRow.name, PlacementGroupRow.id)
+                ).all()
+            }
+            for request in requests:
+                if request.placement_group and request.placement_group not in group_ids:
                     raise NotFound(
                         f"placement group {request.placement_group!r} does not exist; "
                         "create it first (fleetvisor group create)"
                     )
-            found = self.image_lookup(request.image)
-            decision = first_fit(
-                snapshot(session),
-                PlacementRequest(
-                    resources=request.resources,
-                    driver=request.driver,
-                    image=request.image,
-                    image_available=found is not None,
-                ),
-            )
-            host = decision.host
-            reserved = reserve(session, host.id, host.generation, request.resources)
-            if not reserved:
-                raise _StaleSnapshot()
-            instance = InstanceRow(
-                id=new_id(),
-                name=request.name,
-                image=request.image,
-                image_digest=found[0] if found else None,
-                driver=host.driver,
-                command=request.command,
-                env=request.env,
-                labels=request.labels,
-                vcpus=request.resources.vcpus,
-                memory=request.resources.memory,
-                disk=request.resources.disk,
-                net=request.resources.net,
-                placement_group_id=group_id,
-                host_id=host.id,
-                desired_power=PowerState.RUNNING if request.start else PowerState.STOPPED,
-                status=InstanceStatus.PENDING,
-                status_message="",
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(instance)
-            op = new_operation(instance, OperationKind.CREATE, now, self.settings)
-            session.add(op)
-            events.record(
+            found = [self.image_lookup(r.image) for r in requests]
+            decisions = place(
                 session,
-                now,
-                "instance.placed",
-                f"instance/{instance.name}",
-                f"{instance.name} placed on {host.name} (first fit), "
-                f"{request.resources.describe()} reserved",
-                host=host.name,
-                operation=op.id,
-                rejected=decision.rejected,
-                image=request.image,
+                [self._placement_request(r, f) for r, f in zip(requests, found, strict=True)],
+                config=self.scheduler,
+                history=self.history.get(),
             )
-            return instance, op
+            created = []
+            for request, image, decision in zip(requests, found, decisions, strict=True):
+                created.append(self._insert(session, request, image, decision, group_ids, now))
+            return created
+
+    def _insert(
+        self,
+        session: Session,
+        request: InstanceRequest,
+        image: tuple[str, int] | None,
+        decision: PlacementDecision,
+        group_ids: dict[str, str],
+        now: float,
+    ) -> tuple[InstanceRow, OperationRow]:
+        host = decision.host
+        explanation = (
+            {"text": decision.explanation.render(), **decision.explanation.as_dict()}
+            if decision.explanation
+            else {}
+        )
+        instance = InstanceRow(
+            id=new_id(),
+            name=request.name,
+            image=request.image,
+            image_digest=image[0] if image else None,
+            driver=host.driver,
+            command=request.command,
+            env=request.env,
+            labels=request.labels,
+            vcpus=request.resources.vcpus,
+            memory=request.resources.memory,
+            disk=request.resources.disk,
+            net=request.resources.net,
+            placement_group_id=group_ids.get(request.placement_group or ""),
+            host_id=host.id,
+            desired_power=PowerState.RUNNING if request.start else PowerState.STOPPED,
+            status=InstanceStatus.PENDING,
+            status_message="",
+            usage={},
+            placement=explanation,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(instance)
+        op = new_operation(instance, OperationKind.CREATE, now, self.settings)
+        session.add(op)
+        events.record(
+            session,
+            now,
+            "instance.placed",
+            f"instance/{instance.name}",
+            f"{instance.name} placed on {host.name} (score {decision.score:.1f}), "
+            f"{request.resources.describe()} reserved",
+            host=host.name,
+            operation=op.id,
+            rejected=decision.rejected,
+            image=request.image,
+        )
+        return instance, op
 
     def set_power(self, name: str, power: PowerState) -> OperationRow:
         now = self.clock.now()
@@ -229,49 +293,6 @@ class InstanceService:
         if instance is None:
             raise NotFound(f"instance {name!r} does not exist; see `fleetvisor ls`")
         return instance
-
-
-def snapshot(session: Session) -> list[HostCandidate]:
-    rows = session.execute(
-        select(HostRow, ClusterRow.name, SiteRow.name)
-        .join(ClusterRow, HostRow.cluster_id == ClusterRow.id)
-        .join(SiteRow, ClusterRow.site_id == SiteRow.id)
-        .where(HostRow.state == HostState.READY)
-    )
-    return [
-        HostCandidate(
-            id=h.id,
-            name=h.name,
-            state=h.state,
-            driver=h.driver,
-            capacity=h.capacity,
-            allocated=h.allocated,
-            generation=h.generation,
-            cluster=cluster,
-            site=site,
-            labels=h.labels,
-            capabilities=frozenset(h.capabilities),
-            cached_layers=frozenset(layer["digest"] for layer in (h.cache or {}).get("layers", [])),
-        )
-        for h, cluster, site in rows
-    ]
-
-
-def reserve(session: Session, host_id: str, generation: int, resources: Resources) -> bool:
-    """Add `resources` to the host's allocation if nobody changed it since `generation`."""
-    result = session.execute(
-        update(HostRow)
-        .where(HostRow.id == host_id, HostRow.generation == generation)
-        .values(
-            alloc_vcpus=HostRow.alloc_vcpus + resources.vcpus,
-            alloc_memory=HostRow.alloc_memory + resources.memory,
-            alloc_disk=HostRow.alloc_disk + resources.disk,
-            alloc_net=HostRow.alloc_net + resources.net,
-            generation=HostRow.generation + 1,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return cast(CursorResult[Any], result).rowcount == 1
 
 
 def release(session: Session, host_id: str, resources: Resources) -> None:

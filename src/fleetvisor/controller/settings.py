@@ -13,6 +13,8 @@ class ControllerSettings:
     retry_initial: float = 0.5  # first back-off between attempts to reach an agent
     retry_max: float = 5.0
     health_check_interval: float = 0.5
+    sample_interval: float = 60.0  # seconds between stored utilization samples per host
+    sample_retention: float = 48 * 3600.0  # history kept for forecasts (hourly means)
 
     @property
     def down_after_seconds(self) -> float:

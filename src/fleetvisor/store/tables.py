@@ -58,6 +58,7 @@ class HostRow(Base):
     # The host's shared image cache as its agent last reported it: cached layers and
     # counters (hits, misses, bytes pulled, bytes saved, launch latency).
     cache: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    last_sample_at: Mapped[float] = mapped_column(Float, default=0.0)
     registered_at: Mapped[float] = mapped_column(Float)
     last_heartbeat: Mapped[float] = mapped_column(Float)
 
@@ -78,6 +79,8 @@ class PlacementGroupRow(Base):
     strength: Mapped[str] = mapped_column(String(8))
     scope: Mapped[str] = mapped_column(String(8))
     max_per_scope: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Bumped by every placement into the group: concurrent placements re-check its rules.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -104,6 +107,10 @@ class InstanceRow(Base):
     desired_power: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     status_message: Mapped[str] = mapped_column(Text, default="")
+    # The instance's use (cpu_millicores, memory_mib, net_mbps...) at the last sample.
+    usage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Why it went where it went: the placement engine's explanation at create time.
+    placement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -145,6 +152,20 @@ class EventRow(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+class HostSampleRow(Base):
+    """A host's utilization (fractions of capacity) at one time: the forecast's history."""
+
+    __tablename__ = "host_samples"
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    host_id: Mapped[str] = mapped_column(String(32), index=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    cpu: Mapped[float] = mapped_column(Float)
+    memory: Mapped[float] = mapped_column(Float)
+    net: Mapped[float] = mapped_column(Float)
+
+
 class CachePinRow(Base):
     """An image an operator wants in every host's cache, whatever its popularity."""
 
@@ -166,6 +187,7 @@ __all__ = [
     "CachePinRow",
     "ClusterRow",
     "EventRow",
+    "HostSampleRow",
     "HostRow",
     "InstanceRow",
     "OperationRow",
