@@ -23,7 +23,13 @@ from fleetvisor.clock import Clock
 from fleetvisor.controller import events
 from fleetvisor.controller.naming import check_name, new_id
 from fleetvisor.controller.operation_records import ACTIVE_OPS, new_operation
-from fleetvisor.controller.placement import Stale, UtilizationHistory, build_fleet, place
+from fleetvisor.controller.placement import (
+    Stale,
+    UtilizationHistory,
+    build_fleet,
+    place,
+    serialize_placements,
+)
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from fleetvisor.model.entities import (
@@ -138,8 +144,9 @@ class InstanceService:
     def _place_and_reserve(
         self, requests: Sequence[InstanceRequest]
     ) -> list[tuple[InstanceRow, OperationRow]]:
-        now = self.clock.now()
         with self.db.write() as session:
+            serialize_placements(session)
+            now = self.clock.now()
             taken = set(
                 session.scalars(
                     select(InstanceRow.name).where(InstanceRow.name.in_([r.name for r in requests]))

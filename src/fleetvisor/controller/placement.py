@@ -5,9 +5,11 @@
     ──> reserve every host (UPDATE … WHERE generation = seen) and bump every group used
         (same rule), or raise Stale and place again from a fresh snapshot
 
-Group generations matter on PostgreSQL: two creates in one anti-affinity group that
-land on different hosts of one cluster would each pass a host check; bumping the
-group's generation makes the second one place again. (SQLite serialises writers.)
+Placements are serialised: SQLite's writers queue (BEGIN IMMEDIATE), and on PostgreSQL
+each placement transaction first takes one advisory lock, so concurrent creates do
+not race into retries. The generation checks stay as the safety net (another
+controller, a manual edit): two creates in one anti-affinity group landing on
+different hosts of one cluster would each pass a host check, but not the group's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, select, text, update
 from sqlalchemy.orm import Session
 
 from fleetvisor.clock import Clock
@@ -172,6 +174,15 @@ def build_fleet(
     ]
     fleet = FleetSnapshot(hosts, specs, members)
     return fleet, {g.name: (g.id, g.generation) for g in groups}
+
+
+PLACEMENT_LOCK = 0x66_76_70_6C  # "fvpl": the advisory lock id of placement
+
+
+def serialize_placements(session: Session) -> None:
+    """Wait for other placements to commit (PostgreSQL; SQLite already serialises)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": PLACEMENT_LOCK})
 
 
 def place(
