@@ -63,7 +63,9 @@ class AgentRuntime:
         self.controller = FleetClient(controller_url, token)
         self.host_client: FleetClient | None = None
         self.agent_token = _load_or_create_secret(state_dir / "agent.token")
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
+        # without it a response written as headers + body waits ~40 ms for a delayed ACK.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((listen, port))
         self.url = f"http://{advertise or listen}:{self.sock.getsockname()[1]}"

@@ -2,9 +2,120 @@
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from fleetvisor.cli.output import emit_json, fail
+from fleetvisor.model.resources import parse_cpu, parse_size_mib
 
 bench_app = typer.Typer(
     help="Benchmarks: each prints JSON with its figure and a baseline measured in the same run.",
     no_args_is_help=True,
 )
+stderr = Console(stderr=True, highlight=False)
+
+
+@bench_app.command("launch")
+def launch(
+    image: Annotated[
+        str,
+        typer.Option(
+            help="busybox, minbase (Debian minbase, built once with debootstrap and cached), "
+            "or the path of an OCI layout directory or OCI / `docker save` archive."
+        ),
+    ],
+    count: Annotated[int, typer.Option(min=1, help="Launches measured per mode.")] = 10,
+    command: Annotated[
+        str, typer.Option(help="What each instance runs; it must keep running.")
+    ] = "sleep 3600",
+    cpu: Annotated[str, typer.Option(help="CPU of each instance, e.g. 0.5 or 500m.")] = "0.5",
+    memory: Annotated[str, typer.Option(help="Memory of each instance, e.g. 256M.")] = "256M",
+    rootfs_cache: Annotated[
+        Path | None,
+        typer.Option(help="Where built base trees are kept [default: ~/.cache/fleetvisor/rootfs]."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Only the JSON document (no progress bar, no table).")
+    ] = False,
+) -> None:
+    """API-call-to-running latency (p50, p95): cold cache, cached, and raw `runc run -d`.
+
+    Starts a throwaway fleet (runc, one host, temp state dir), imports IMAGE into it,
+    measures COUNT launches per mode and removes everything it made. Needs root.
+    """
+    from fleetvisor.bench.launch import LaunchBenchConfig, run_launch_bench
+    from fleetvisor.client import ApiError
+    from fleetvisor.errors import FleetvisorError
+
+    if not shlex.split(command):
+        fail("--command must not be empty, e.g. --command 'sleep 3600'")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
+    try:
+        config = LaunchBenchConfig(
+            image=image,
+            count=count,
+            command=tuple(shlex.split(command)),
+            cpu_millicores=parse_cpu(cpu),
+            memory_mib=parse_size_mib(memory),
+            **({"rootfs_cache": rootfs_cache} if rootfs_cache else {}),
+        )
+        with _progress_bar(show=not as_json) as progress:
+            result = run_launch_bench(config, progress)
+    except (ApiError, FleetvisorError) as exc:  # BenchError is a FleetvisorError
+        fail(str(exc))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not as_json:
+        _print_table(result)
+    emit_json(result)
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _progress_bar(show: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A Rich progress bar on stderr, fed by the benchmark's progress(what, done, total)."""
+    if not show:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn())
+    with Progress(
+        *columns,
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=1)
+        yield lambda what, done, total: bar.update(
+            task, description=what, completed=done, total=total
+        )
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    stderr.print(
+        f"[bold]{result['image_ref']}[/bold]: {result['image_bytes'] / 1e6:.1f} MB, "
+        f"{result['count']} launch(es) per mode"
+    )
+    for mode in ("cold", "cached", "raw_runc"):
+        stderr.print(
+            f"  {mode:<9} p50 {result[f'{mode}_p50_ms']:>8.1f} ms   "
+            f"p95 {result[f'{mode}_p95_ms']:>8.1f} ms"
+        )
+    met = result["cached_over_raw_target_met"]
+    stderr.print(f"  cached/raw  {result['cached_over_raw']:.2f}  (target <= 1.5: {met})")
+    cold_met = result["cold_over_cached_target_met"]
+    stderr.print(
+        f"  cold/cached {result['cold_over_cached']:.2f}  (target >= 5"
+        + (f": {cold_met})" if cold_met is not None else ", only for images >= 30 MB)")
+    )

@@ -40,6 +40,8 @@ from fleetvisor.drivers.runc.network import (
     BridgeNetwork,
     counters,
     default_subnet,
+    link_exists,
+    netns_exists,
     parse_subnet,
 )
 from fleetvisor.drivers.runc.prereqs import check_prerequisites
@@ -210,7 +212,8 @@ class RuncDriver:
             return await self._report(instance_id, record, state)
         if state:  # exited on its own, or a half-made container: clear it
             await self._runc("delete", "--force", self.layout.container_id(instance_id))
-        await self._prepare(instance_id, record)
+        if not await asyncio.to_thread(self._still_prepared, instance_id, record):
+            await self._prepare(instance_id, record)
         await self._run_container(instance_id)
         self.sampler.forget(instance_id)
         record.update(phase="running", started_at=self.clock.now())
@@ -302,6 +305,24 @@ class RuncDriver:
             )
         record["address"] = str(lease.address)
         await asyncio.to_thread(self._write_bundle, instance_id, spec, record, str(lease.address))
+        record["prepared_boot"] = _boot_id()
+
+    def _still_prepared(self, instance_id: str, record: dict[str, Any]) -> bool:
+        """True when `_prepare` completed since the host booted and its mount, netns, veth
+        and config.json are all still there (a start right after create): then a start
+        skips it and its dozen `ip` commands."""
+        layout = self.layout
+        lease = self.addresses.get(instance_id)
+        return (
+            record.get("prepared_boot") == _boot_id()
+            and lease is not None
+            and layout.config(instance_id).exists()
+            and all(Path(layer).is_dir() for layer in record["layers"])
+            and netns_exists(layout.netns(instance_id))
+            and link_exists(self.network.bridge)
+            and link_exists(layout.host_veth(lease.index))
+            and overlay.is_mounted(layout.rootfs(instance_id))
+        )
 
     def _write_bundle(
         self, instance_id: str, spec: InstanceSpec, record: dict[str, Any], address: str
@@ -534,6 +555,11 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _boot_id() -> str:
+    """Changes at every boot of the machine (mounts and network namespaces do not survive)."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def _read_inside(rootfs: Path, relative: str) -> str:
