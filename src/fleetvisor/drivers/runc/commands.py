@@ -34,21 +34,25 @@ def failure(args: Sequence[str], returncode: int, stderr: str) -> DriverError:
 
 
 async def run(
-    args: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = True
+    args: Sequence[str],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+    stdin: bytes | None = None,
 ) -> CommandResult:
-    """Run `args` with stdin from /dev/null and captured output; DriverError when it fails
-    (exit code != 0 and `check`), cannot start, or outlives `timeout` seconds (it is killed)."""
+    """Run `args` with `stdin` (else /dev/null) and captured output; DriverError when it
+    fails (exit code != 0 and `check`), cannot start, or outlives `timeout` (it is killed)."""
     try:
         process = await asyncio.create_subprocess_exec(
             *args,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
     except OSError as exc:
         raise DriverError(f"cannot run `{describe(args)}`: {exc}") from exc
     try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
+        out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
     except TimeoutError:
         process.kill()
         await process.wait()
