@@ -36,8 +36,8 @@ def create_agent_app(agent: Agent, token: str) -> FastAPI:
         return await agent.list()
 
     @app.post("/v1/instances", dependencies=[Depends(authorized)])
-    async def create(spec: InstanceSpec) -> InstanceReport:
-        return await agent.create(spec)
+    async def create(spec: InstanceSpec, start: bool = False) -> InstanceReport:
+        return await agent.create(spec, start=start)
 
     @app.post("/v1/instances/{instance_id}/start", dependencies=[Depends(authorized)])
     async def start(instance_id: str) -> InstanceReport:

@@ -34,20 +34,25 @@ class Agent:
     def _lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
 
-    async def create(self, spec: InstanceSpec) -> InstanceReport:
+    async def create(self, spec: InstanceSpec, start: bool = False) -> InstanceReport:
+        """Create the instance (idempotent); with `start`, run it too, in one call."""
         async with self._lock(spec.id):
             self._launching.setdefault(spec.id, self.clock.monotonic())
             if self.images is not None:
                 await self.images.prepare(spec.id, spec.image)
-            return await self.driver.create(spec)
+            report = await self.driver.create(spec)
+            return await self._start(spec.id) if start else report
 
     async def start(self, instance_id: str) -> InstanceReport:
         async with self._lock(instance_id):
-            report = await _known(instance_id, self.driver.start(instance_id))
-            began = self._launching.pop(instance_id, None)
-            if began is not None and self.images is not None:
-                self.images.record_launch(self.clock.monotonic() - began)
-            return report
+            return await self._start(instance_id)
+
+    async def _start(self, instance_id: str) -> InstanceReport:
+        report = await _known(instance_id, self.driver.start(instance_id))
+        began = self._launching.pop(instance_id, None)
+        if began is not None and self.images is not None:
+            self.images.record_launch(self.clock.monotonic() - began)
+        return report
 
     async def stop(self, instance_id: str) -> InstanceReport:
         async with self._lock(instance_id):

@@ -19,7 +19,7 @@ from fleetvisor.model.specs import InstanceReport, InstanceSpec
 
 
 class AgentClient(Protocol):
-    async def create(self, spec: InstanceSpec) -> InstanceReport: ...
+    async def create(self, spec: InstanceSpec, start: bool = False) -> InstanceReport: ...
 
     async def start(self, instance_id: str) -> InstanceReport: ...
 
@@ -48,8 +48,9 @@ class HttpAgentClient:
             base_url=base_url, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
         )
 
-    async def create(self, spec: InstanceSpec) -> InstanceReport:
-        return InstanceReport(**await self._call("POST", "/v1/instances", json=spec.model_dump()))
+    async def create(self, spec: InstanceSpec, start: bool = False) -> InstanceReport:
+        path = "/v1/instances?start=true" if start else "/v1/instances"
+        return InstanceReport(**await self._call("POST", path, json=spec.model_dump()))
 
     async def start(self, instance_id: str) -> InstanceReport:
         return InstanceReport(**await self._call("POST", f"/v1/instances/{instance_id}/start"))

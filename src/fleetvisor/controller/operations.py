@@ -151,11 +151,12 @@ class OperationRunner:
                 if kind in (OperationKind.CREATE, OperationKind.RECOVER)
                 else None,
             )
-            report = await self._reach(op_id, host.id, lambda: agent.create(spec))
-            self._step(op_id, "apply_power")
-            if instance.desired_power == PowerState.RUNNING:
-                report = await self._reach(op_id, host.id, lambda: agent.start(spec.id))
-            else:
+            running = instance.desired_power == PowerState.RUNNING
+            # Create and start travel in one call; both are idempotent, so a retry after
+            # a lost answer is harmless.
+            report = await self._reach(op_id, host.id, lambda: agent.create(spec, start=running))
+            if not running:
+                self._step(op_id, "apply_power")
                 report = await self._reach(op_id, host.id, lambda: agent.stop(spec.id))
         except (_GiveUp, DriverError) as exc:
             await self._converge_failed(op_id, kind, instance, host, agent, exc)

@@ -218,7 +218,18 @@ class RuncDriver:
         self.sampler.forget(instance_id)
         record.update(phase="running", started_at=self.clock.now())
         await self._save(instance_id, record)
-        return await self._report(instance_id, record, await self._container_state(instance_id))
+        return await self._report(instance_id, record, await self._started_state(instance_id))
+
+    async def _started_state(self, instance_id: str) -> dict[str, Any] | None:
+        """Right after `runc run --detach` succeeded, its pid file tells whether the
+        container runs; that saves a `runc state` process on every launch."""
+        try:
+            pid = int(self.layout.pid_file(instance_id).read_text())
+        except (OSError, ValueError):
+            pid = 0
+        if pid > 0 and _alive(pid):
+            return {"status": "running", "pid": pid}
+        return await self._container_state(instance_id)
 
     async def stop(self, instance_id: str) -> InstanceReport:
         record = await self._require_async(instance_id)
