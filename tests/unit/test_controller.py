@@ -235,3 +235,34 @@ async def test_heartbeats_keep_a_sampled_utilization_history(fleet: InProcessFle
     assert fleet.controller.instances.get("web-1").usage["cpu_millicores"] > 0
     await clock.advance(SETTINGS.sample_retention - 50)  # cutoff between 2nd and 3rd
     assert fleet.controller.hosts.prune_samples() == 2
+
+
+async def test_rebalance_consolidates_with_ordered_cold_moves(fleet: InProcessFleet) -> None:
+    """Fragmented hosts are consolidated: the plan's moves run in order, each instance
+    ends on exactly one host, allocations follow, and a dry run changes nothing."""
+    from fleetvisor.controller.moves import plan_rebalance_moves
+
+    for i in range(6):
+        fleet.controller.instances.create(request(f"i-{i}"))
+    await fleet.settle()
+    for name in ("i-0", "i-1"):  # host-1 keeps 2 of 4, host-2 has 2: two half-empty hosts
+        fleet.controller.instances.delete(name)
+    await fleet.settle()
+    service = fleet.controller.instances
+    dry = plan_rebalance_moves(service, max_moves=4, dry_run=True)
+    assert (dry["hosts_used_before"], dry["hosts_used_after"]) == (2, 1)
+    assert dry["operations"] == [] and 0 < len(dry["moves"]) <= 4
+    plan = plan_rebalance_moves(service, max_moves=4, dry_run=False)
+    await fleet.settle()
+    states = [fleet.controller.operation(op).state for op in plan["operations"]]
+    assert states == ["succeeded"] * len(plan["operations"])
+    placed = {i.name: i.host_id for i in service.all()}
+    assert len(set(placed.values())) == 1 and len(placed) == 4
+    (host_id,) = set(placed.values())
+    for name in ("host-1", "host-2"):
+        host = fleet.controller.hosts.get(name)
+        reports = await fleet.agents[name].list()
+        expected = SMALL * 4 if host.id == host_id else Resources()
+        assert host.allocated == expected
+        assert len(reports) == (4 if host.id == host_id else 0)
+    assert len(events(fleet, "instance.moved")) == len(plan["moves"])

@@ -52,6 +52,7 @@ from fleetvisor.asyncutil import prepend
 from fleetvisor.controller import events
 from fleetvisor.controller.core import Controller
 from fleetvisor.controller.instances import InstanceRequest
+from fleetvisor.controller.moves import plan_rebalance_moves
 from fleetvisor.errors import AgentUnreachable, Conflict, DriverError, Forbidden, NotFound
 from fleetvisor.model.entities import HostState, PowerState
 from fleetvisor.store.tables import HostRow
@@ -304,6 +305,19 @@ def _instance_routes() -> APIRouter:
                 for row, (_, op) in zip(rows, created, strict=True)
             ]
         )
+
+    @router.post("/rebalance")
+    def rebalance(
+        request: Request,
+        max_moves: Annotated[int, Query(ge=0, le=10_000)] = 10,
+        dry_run: bool = True,
+    ) -> dict[str, Any]:
+        """A move plan that keeps every hard rule at every step within `max_moves`; without
+        `dry_run` its moves run as `move` operations, in order (cold moves)."""
+        controller = controller_of(request)
+        result = plan_rebalance_moves(controller.instances, max_moves=max_moves, dry_run=dry_run)
+        controller.runner.wake()
+        return result
 
     @router.get("/{name}/explain")
     def explain_instance(request: Request, name: str) -> dict[str, Any]:

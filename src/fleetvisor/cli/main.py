@@ -488,6 +488,35 @@ def explain(name: str, as_json: JsonOpt = False) -> None:
         console.print(placement.get("text", ""), markup=False)
 
 
+@app.command()
+def rebalance(
+    max_moves: Annotated[int, typer.Option(min=0, help="At most this many moves.")] = 10,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for the moves to end.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Consolidate the fleet: a CP-SAT move plan that keeps every hard rule at every step
+    (cold moves for now), then run it unless --dry-run."""
+    client = ctx.client()
+    plan = client.rebalance(max_moves, dry_run)
+    if wait and plan["operations"]:
+        with console.status("moving…") as status:
+            for i, op_id in enumerate(plan["operations"], 1):
+                status.update(f"move {i}/{len(plan['operations'])}")
+                op = client.wait_operation(op_id)
+                if op["state"] != "succeeded":
+                    fail(f"move {i} ({op['instance']}) {op['state']}: {op['error']}")
+    if as_json:
+        emit_json(plan)
+        return
+    table(["INSTANCE", "FROM", "TO"], [(m["instance"], m["from"], m["to"]) for m in plan["moves"]])
+    verb = "would use" if dry_run else "use"
+    console.print(
+        f"{len(plan['moves'])} move(s) ({plan['status']}); hosts {verb} "
+        f"{plan['hosts_used_after']} instead of {plan['hosts_used_before']}"
+    )
+
+
 WaitOpt = Annotated[bool, typer.Option(help="Wait for the operation to end.")]
 
 

@@ -185,6 +185,10 @@ class FleetClient:
     def create_instances(self, bodies: list[dict[str, Any]]) -> dict[str, Any]:
         return self.request("POST", "/v1/instances/batch", json={"instances": bodies})
 
+    def rebalance(self, max_moves: int, dry_run: bool) -> dict[str, Any]:
+        params = {"max_moves": max_moves, "dry_run": dry_run}
+        return self.request("POST", "/v1/instances/rebalance", params=params)
+
     def explain(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/instances/{name}/explain")
 

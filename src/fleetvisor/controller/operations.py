@@ -25,6 +25,7 @@ from fleetvisor.clock import Clock
 from fleetvisor.controller import events
 from fleetvisor.controller.agent_client import AgentClient, AgentClients
 from fleetvisor.controller.instances import release
+from fleetvisor.controller.moves import move_instance
 from fleetvisor.controller.operation_records import ACTIVE_OPS
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.errors import AgentUnreachable, DriverError
@@ -122,9 +123,11 @@ class OperationRunner:
             op.attempts += 1
             op.updated_at = self.clock.now()
             kind = OperationKind(op.kind)
-        handler: Callable[[str], Awaitable[None]] = (
-            self._delete if kind == OperationKind.DELETE else self._converge
-        )
+        handlers: dict[OperationKind, Callable[[str], Awaitable[None]]] = {
+            OperationKind.DELETE: self._delete,
+            OperationKind.MOVE: self._move,
+        }
+        handler = handlers.get(kind, self._converge)
         try:
             await handler(op_id)
         except asyncio.CancelledError:
@@ -291,6 +294,11 @@ class OperationRunner:
                 f"{instance.name} removed from {host.name}{note}",
                 operation=op_id,
             )
+
+    # -- move (cold): leave the source, start on the target ---------------------------------
+
+    async def _move(self, op_id: str) -> None:
+        await move_instance(self, op_id)
 
     # -- shared --------------------------------------------------------------------------
 

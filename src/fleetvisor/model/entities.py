@@ -61,6 +61,7 @@ class OperationKind(StrEnum):
     STOP = "stop"
     DELETE = "delete"
     RECOVER = "recover"  # recreate an instance its host lost, on the same host
+    MOVE = "move"  # cold move to another host (a rebalance step)
 
 
 class OperationState(StrEnum):
