@@ -232,10 +232,21 @@ def controller(
     heartbeat_interval: Annotated[float, typer.Option(min=0.05)] = 2.0,
     down_after: Annotated[int, typer.Option(min=1)] = 3,
     operation_timeout: Annotated[float, typer.Option(min=1.0)] = 120.0,
+    scheduler_config: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            help='Placement settings as JSON, e.g. {"weights": {"resource_fit": 1, '
+            '"load_forecast": 2}, "fit_strategy": "spread"}.',
+        ),
+    ] = None,
 ) -> None:
-    """Run the controller: REST API, operations, health checks."""
+    """Run the controller: REST API, operations, health checks, OCI registry."""
+    import json
+
     from fleetvisor.controller.serve import serve
     from fleetvisor.controller.settings import ControllerSettings
+    from fleetvisor.scheduler import SchedulerConfig, known_models
 
     _logging()
     serve(
@@ -248,6 +259,11 @@ def controller(
             down_after_missed=down_after,
             operation_timeout=operation_timeout,
         ),
+        scheduler=SchedulerConfig.from_mapping(
+            json.loads(scheduler_config.read_text()), known_models()
+        )
+        if scheduler_config
+        else None,
     )
 
 

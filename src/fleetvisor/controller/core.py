@@ -27,6 +27,7 @@ from fleetvisor.controller.tokens import load_or_create_admin_token
 from fleetvisor.errors import Conflict, FleetvisorError, NotFound
 from fleetvisor.images.store import ImageStore
 from fleetvisor.model.entities import HostState
+from fleetvisor.scheduler import SchedulerConfig
 from fleetvisor.store.db import Database, sqlite_url
 from fleetvisor.store.tables import (
     ClusterRow,
@@ -48,6 +49,7 @@ class Controller:
         clock: Clock | None = None,
         settings: ControllerSettings | None = None,
         agent_clients: AgentClients | None = None,
+        scheduler: SchedulerConfig | None = None,
     ) -> None:
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,9 @@ class Controller:
         self.admin_token = ""
         self.images = ImageStore(state_dir / "images")
         self.cache = CachePlanner(self.db, self.clock, self.image_size)
-        self.instances = InstanceService(self.db, self.clock, self.settings, self.image_size)
+        self.instances = InstanceService(
+            self.db, self.clock, self.settings, self.image_size, scheduler
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     def prepare(self) -> None:

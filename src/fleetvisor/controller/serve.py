@@ -14,17 +14,26 @@ import uvicorn
 
 from fleetvisor.controller.core import Controller
 from fleetvisor.controller.settings import ControllerSettings
+from fleetvisor.scheduler import SchedulerConfig
 
 ENDPOINT_FILE = "controller.json"
 log = logging.getLogger("fleetvisor.controller")
 
 
 def serve(
-    *, state_dir: Path, db_url: str | None, listen: str, port: int, settings: ControllerSettings
+    *,
+    state_dir: Path,
+    db_url: str | None,
+    listen: str,
+    port: int,
+    settings: ControllerSettings,
+    scheduler: SchedulerConfig | None = None,
 ) -> None:
     from fleetvisor.api.app import create_app
 
-    controller = Controller(state_dir=state_dir, db_url=db_url, settings=settings)
+    controller = Controller(
+        state_dir=state_dir, db_url=db_url, settings=settings, scheduler=scheduler
+    )
     controller.prepare()
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
     # without it a response written as headers + body waits ~40 ms for a delayed ACK.
