@@ -62,6 +62,8 @@ class HostImageCache:
         self.pulls = 0
         self.launch_seconds: deque[float] = deque(maxlen=200)
         self._pulling: dict[str, asyncio.Lock] = {}
+        self._manifests: dict[str, Manifest] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
 
     def connect(self, registry_url: str, token: str) -> None:
         """Pull from the controller's registry with this host's token."""
@@ -81,8 +83,13 @@ class HostImageCache:
         ]
 
     async def config(self, image: str) -> dict[str, Any]:
+        if image in self._configs:
+            return dict(self._configs[image])
         await self.ensure_image(image)
-        return await asyncio.to_thread(self.store.image_config, image)
+        config = await asyncio.to_thread(self.store.image_config, image)
+        if "@" in image:  # content addressed: it never changes
+            self._configs[image] = config
+        return dict(config)
 
     # -- pinning and pulling ---------------------------------------------------------------
 
@@ -101,6 +108,18 @@ class HostImageCache:
 
     async def ensure_image(self, image: str) -> Manifest:
         """The image's manifest, pulled from the fleet's registry if this host lacks it."""
+        known = self._manifests.get(image)
+        if known is not None and all(  # still here (a gc or an eviction may have run)
+            self.layer_cache.has(layer.digest) or self.store.has_blob(layer.digest)
+            for layer in known.layers
+        ):
+            return known
+        manifest = await self._ensure_image(image)
+        if "@" in image:  # content addressed: it never changes; save the launch path a read
+            self._manifests[image] = manifest
+        return manifest
+
+    async def _ensure_image(self, image: str) -> Manifest:
         lock = self._pulling.setdefault(image, asyncio.Lock())
         async with lock:
             try:

@@ -159,6 +159,8 @@ class InstanceOut(BaseModel):
     resources: ResourceVector
     placement_group: str | None = None
     host: str | None = None
+    address: str | None = None
+    usage: dict[str, float] = {}
     desired_power: str
     status: str
     status_message: str
@@ -267,6 +269,8 @@ def instance_out(
         resources=ResourceVector.of(row.resources),
         placement_group=group,
         host=host,
+        address=row.address,
+        usage=row.usage or {},
         desired_power=row.desired_power,
         status=row.status,
         status_message=row.status_message,

@@ -434,6 +434,7 @@ def show(name: str, as_json: JsonOpt = False) -> None:
     for key, value in [
         ("id", instance["id"]),
         ("host", instance["host"]),
+        ("address", instance["address"]),
         ("image", instance["image"]),
         ("driver", instance["driver"]),
         ("desired", instance["desired_power"]),

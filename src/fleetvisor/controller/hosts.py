@@ -331,6 +331,8 @@ class HostRegistry:
                 continue
             if record_usage:
                 instance.usage = dict(report.usage)
+            if report.address != instance.address:
+                instance.address = report.address
             status = _REPORTED_STATUS.get(report.state, InstanceStatus.ERROR)
             if instance.status != status:
                 events.record(

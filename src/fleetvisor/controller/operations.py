@@ -178,6 +178,7 @@ class OperationRunner:
                 return
             row.status = status
             row.status_message = ""
+            row.address = report.address
             row.updated_at = now
             op.state = OperationState.SUCCEEDED
             op.step = "done"

@@ -67,6 +67,7 @@ class InstanceReport(BaseModel):
     state: str  # "created" | "running" | "stopped"
     resources: ResourceVector
     started_at: Finite | None = None
+    address: Annotated[SafeStr, StringConstraints(max_length=64)] | None = None
     usage: dict[Annotated[SafeStr, StringConstraints(max_length=64)], Finite] = {}
 
 

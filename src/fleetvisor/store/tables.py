@@ -109,6 +109,8 @@ class InstanceRow(Base):
     status_message: Mapped[str] = mapped_column(Text, default="")
     # The instance's use (cpu_millicores, memory_mib, net_mbps...) at the last sample.
     usage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The instance's network address on its host, as the agent reports it.
+    address: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Why it went where it went: the placement engine's explanation at create time.
     placement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)

@@ -471,6 +471,7 @@ class RuncDriver:
             state=status,
             resources=ResourceVector(**spec["resources"]),
             started_at=record.get("started_at") if running else None,
+            address=record.get("address"),
             usage=await self._usage(instance_id, record),
         )
 
