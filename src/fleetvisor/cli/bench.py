@@ -156,3 +156,21 @@ def placement(
         "detail": engine,
     }
     emit_json(result)
+
+
+@bench_app.command("boot")
+def boot(
+    runs: Annotated[int, typer.Option(min=1, max=50, help="Interleaved runs of each start.")] = 5,
+) -> None:
+    """Measured boot over a swtpm: the chain's cost against a plain agent start in the same
+    run, and how many tamper cases (changed code, stale nonce, foreign key, rollback...)
+    leave the host untrusted."""
+    from fleetvisor.trust.bench import measure_boot_overhead
+    from fleetvisor.trust.errors import ToolsMissing
+
+    try:
+        with stderr.status("booting plain and measured agents…"):
+            result = measure_boot_overhead(runs=runs)
+    except ToolsMissing as exc:
+        fail(str(exc))
+    emit_json(result)
