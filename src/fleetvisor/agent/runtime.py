@@ -199,6 +199,21 @@ class AgentRuntime:
             await self.agent.destroy(instance_id)
 
 
+def remove_instances(driver: Driver, images: HostImageCache | None) -> int:
+    """Destroy every instance the driver has (a throwaway fleet's host whose agent died)."""
+
+    async def remove() -> int:
+        agent = Agent(driver, images=images)
+        reports = await agent.list()
+        for report in reports:
+            log.info("removing %s", report.name)
+            await agent.destroy(report.id)
+        await driver.close()
+        return len(reports)
+
+    return asyncio.run(remove())
+
+
 def _load_or_create_secret(path: Path) -> str:
     if path.exists():
         return path.read_text().strip()
@@ -225,6 +240,7 @@ def run_agent(
     cache_dir: Path,
     cache_budget: int,
     destroy_on_exit: bool = False,
+    remove_and_exit: bool = False,
 ) -> None:
     clock = RealClock()
     images = None
@@ -236,6 +252,9 @@ def run_agent(
         )
     except DriverError as exc:  # e.g. a prerequisite is missing: say what to install
         raise SystemExit(f"agent {name}: cannot start the {driver_kind} driver: {exc}") from None
+    if remove_and_exit:
+        log.info("agent %s removed %d instance(s)", name, remove_instances(driver, images))
+        return
     runtime = AgentRuntime(
         name=name,
         controller_url=controller_url,

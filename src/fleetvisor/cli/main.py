@@ -294,6 +294,10 @@ def agent(
     cache_budget: Annotated[
         str, typer.Option(help="Size the image cache may fill, e.g. 20G.")
     ] = "20G",
+    remove_instances_and_exit: Annotated[
+        bool,
+        typer.Option(hidden=True, help="Destroy this host's instances, then exit (cleanup)."),
+    ] = False,
     destroy_on_exit: Annotated[
         bool,
         typer.Option(
@@ -325,6 +329,7 @@ def agent(
         cache_dir=cache_dir or Path("/var/lib/fleetvisor/cache"),
         cache_budget=parse_size_mib(cache_budget, what="cache budget") << 20,
         destroy_on_exit=destroy_on_exit,
+        remove_and_exit=remove_instances_and_exit,
         cluster=cluster,
         labels=labels,
         listen=listen,

@@ -277,7 +277,10 @@ class LocalFleet:
             time.sleep(0.2)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Agents first (they stop heartbeating), then the controller; SIGKILL stragglers."""
+        """Agents first (they stop heartbeating), then the controller; SIGKILL stragglers.
+        A real-driver host whose agent died meanwhile has its instances removed by a
+        one-shot cleanup run of that agent, so no container outlives the fleet."""
+        dead = [a for a in self.agents if a.process is not None and not a.alive()]
         for group in (self.agents, [self.controller] if self.controller else []):
             for child in group:
                 if child.alive() and child.process:
@@ -291,9 +294,43 @@ class LocalFleet:
                 except subprocess.TimeoutExpired:
                     child.process.kill()
                     child.process.wait()
+        if self.options.driver != "sim":
+            for agent in dead:
+                if not _runs_elsewhere(agent.argv):  # not restarted by hand meanwhile
+                    self._remove_instances(agent)
         if self.network is not None:
             self.network.destroy()
         (self.state_dir / FLEET_FILE).unlink(missing_ok=True)
+
+    def _remove_instances(self, agent: Child) -> None:
+        self.say(f"{agent.name}'s agent had exited: removing its instances")
+        with agent.log.open("ab") as log:
+            try:
+                subprocess.run(
+                    [*agent.argv, "--remove-instances-and-exit"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    timeout=120,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                self.say(f"removing {agent.name}'s instances timed out; see {agent.log}")
+
+
+def _runs_elsewhere(argv: list[str]) -> bool:
+    """Whether a process with this agent's state dir runs (e.g. restarted by hand)."""
+    state = argv[argv.index("--state-dir") + 1]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"agent" in args and state.encode() in args:
+            return True
+    return False
 
 
 def _machine_share(hosts: int) -> str:
