@@ -231,7 +231,9 @@ async def test_heartbeats_keep_a_sampled_utilization_history(fleet: InProcessFle
     with fleet.controller.db.read() as session:
         samples = list(session.scalars(select(HostSampleRow).order_by(HostSampleRow.at)))
     assert len(samples) == 3
-    assert all(0.0 < s.cpu < 1.0 and 0.0 <= s.memory < 1.0 for s in samples)
+    # Fractions of the host's capacity (the sim workload may idle to 0 in one sample).
+    assert all(0.0 <= s.cpu <= 1.0 and 0.0 <= s.memory <= 1.0 for s in samples)
+    assert any(s.cpu > 0.0 for s in samples) and any(s.memory > 0.0 for s in samples)
     assert fleet.controller.instances.get("web-1").usage["cpu_millicores"] > 0
     await clock.advance(SETTINGS.sample_retention - 50)  # cutoff between 2nd and 3rd
     assert fleet.controller.hosts.prune_samples() == 2

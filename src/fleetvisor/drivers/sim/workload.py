@@ -33,9 +33,12 @@ class WorkloadModel:
 
     def profile(self, instance_id: str) -> WorkloadProfile:
         rng = np.random.default_rng([self.seed, _stable_hash(instance_id)])
+        base = float(rng.uniform(0.15, 0.6))
         return WorkloadProfile(
-            cpu_base=float(rng.uniform(0.15, 0.6)),
-            cpu_amplitude=float(rng.uniform(0.05, 0.3)),
+            cpu_base=base,
+            # The daily swing stays within the mean: a running instance never idles to
+            # zero for hours (noise can still touch zero for a sample).
+            cpu_amplitude=base * float(rng.uniform(0.2, 0.8)),
             cpu_phase=float(rng.uniform(0, 2 * math.pi)),
             memory_working_set=float(rng.uniform(0.3, 0.85)),
             net_base=float(rng.uniform(0.01, 0.2)),
