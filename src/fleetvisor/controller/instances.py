@@ -121,8 +121,9 @@ class InstanceService:
     def explain(self, request: InstanceRequest) -> dict[str, Any]:
         """Where `request` would go now and why, without reserving anything."""
         _check_request(request)
+        history = self.history.get()  # before the session: never two connections at once
         with self.db.read() as session:
-            fleet, _ = build_fleet(session, self.history.get())
+            fleet, _ = build_fleet(session, history)
             found = self.image_lookup(request.image)
             engine = PlacementEngine(fleet, self.scheduler)
             explanation = engine.explain(self._placement_request(request, found))
@@ -144,6 +145,10 @@ class InstanceService:
     def _place_and_reserve(
         self, requests: Sequence[InstanceRequest]
     ) -> list[tuple[InstanceRow, OperationRow]]:
+        # Read before the transaction: a thread that held the placement lock while
+        # waiting for a second pooled connection could wait on threads waiting for it.
+        history = self.history.get()
+        found = [self.image_lookup(r.image) for r in requests]
         with self.db.write() as session:
             serialize_placements(session)
             now = self.clock.now()
@@ -170,12 +175,11 @@ class InstanceService:
                         f"placement group {request.placement_group!r} does not exist; "
                         "create it first (fleetvisor group create)"
                     )
-            found = [self.image_lookup(r.image) for r in requests]
             decisions = place(
                 session,
                 [self._placement_request(r, f) for r, f in zip(requests, found, strict=True)],
                 config=self.scheduler,
-                history=self.history.get(),
+                history=history,
             )
             created = []
             for request, image, decision in zip(requests, found, decisions, strict=True):

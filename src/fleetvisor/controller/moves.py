@@ -133,9 +133,10 @@ def plan_rebalance_moves(
     """A move plan over every placed instance that no operation is working on; without
     `dry_run`, one `move` operation per step, each waiting for the one before."""
     now = service.clock.now()
+    history = service.history.get()  # before the transaction (see InstanceService)
     with service.db.write() as session:
         serialize_placements(session)
-        fleet, _ = build_fleet(session, service.history.get())
+        fleet, _ = build_fleet(session, history)
         busy = set(
             session.scalars(
                 select(OperationRow.instance_id).where(OperationRow.state.in_(ACTIVE_OPS))

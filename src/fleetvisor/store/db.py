@@ -31,7 +31,10 @@ class Database:
             self._writer = _sqlite_engine(url, begin="BEGIN IMMEDIATE")
             self._reader = _sqlite_engine(url, begin="BEGIN")
         else:
-            self._writer = self._reader = create_engine(url, pool_pre_ping=True, pool_size=10)
+            # As many connections as the API's worker threads (40) may want at once.
+            self._writer = self._reader = create_engine(
+                url, pool_pre_ping=True, pool_size=20, max_overflow=30
+            )
         self._write_sessions = sessionmaker(self._writer, expire_on_commit=False)
         self._read_sessions = sessionmaker(self._reader, expire_on_commit=False)
 
@@ -72,7 +75,12 @@ def alembic_config(url: str) -> Config:
 
 
 def _sqlite_engine(url: str, *, begin: str) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_size=20,
+        max_overflow=30,
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
