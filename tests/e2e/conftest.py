@@ -50,9 +50,17 @@ def running(pid: int, argv: list[str]) -> bool:
 class Fleet:
     """One `fleetvisor up` and the processes a test started itself (owned, ended by PID)."""
 
-    def __init__(self, state_dir: Path, hosts: int) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        hosts: int,
+        up_args: list[str] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
         self.state_dir = state_dir
         self.hosts_count = hosts
+        self.up_args = TIMINGS if up_args is None else up_args
+        self.start_timeout = start_timeout
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETVISOR_")}
         self.env["FLEETVISOR_HOME"] = str(state_dir)
         self.up: subprocess.Popen[bytes] | None = None
@@ -64,7 +72,7 @@ class Fleet:
 
     def start(self) -> None:
         log = (self.state_dir.parent / "up.log").open("wb")
-        argv = [FLEETVISOR, "up", "--hosts", str(self.hosts_count), "--port", "0", *TIMINGS]
+        argv = [FLEETVISOR, "up", "--hosts", str(self.hosts_count), "--port", "0", *self.up_args]
         self.up = subprocess.Popen(
             [*argv, "--state-dir", str(self.state_dir)],
             stdin=subprocess.DEVNULL,
@@ -74,7 +82,11 @@ class Fleet:
         )
         log.close()
         fleet_file = self.state_dir / "fleet.json"
-        wait_for("fleet.json", lambda: fleet_file.exists() or self.up.poll() is not None, 60)
+        wait_for(
+            "fleet.json",
+            lambda: fleet_file.exists() or self.up.poll() is not None,
+            self.start_timeout,
+        )
         assert self.up.poll() is None, f"fleetvisor up exited: {self.up_log()}"
         self.info = json.loads(fleet_file.read_text())
         assert self.info["supervisor_pid"] == self.up.pid
@@ -263,8 +275,7 @@ class RuncFleet(Fleet):
     """
 
     def __init__(self, state_dir: Path, hosts: int, up_args: list[str]) -> None:
-        super().__init__(state_dir, hosts)
-        self.up_args = up_args
+        super().__init__(state_dir, hosts, up_args, start_timeout=90.0)
         from fleetvisor.drivers.runc.layout import default_agent_id
         from fleetvisor.fleet.network import fleet_id
 
@@ -272,25 +283,6 @@ class RuncFleet(Fleet):
         self.agent_ids = {
             f"host-{i}": default_agent_id(self.driver_dir(f"host-{i}")) for i in range(1, hosts + 1)
         }
-
-    def start(self) -> None:
-        """Fleet.start with this fleet's `up` arguments (driver, timings)."""
-        log = (self.state_dir.parent / "up.log").open("wb")
-        argv = [FLEETVISOR, "up", "--hosts", str(self.hosts_count), "--port", "0", *self.up_args]
-        self.up = subprocess.Popen(
-            [*argv, "--state-dir", str(self.state_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        log.close()
-        fleet_file = self.state_dir / "fleet.json"
-        wait_for("fleet.json", lambda: fleet_file.exists() or self.up.poll() is not None, 90)
-        assert self.up.poll() is None, f"fleetvisor up exited: {self.up_log()}"
-        self.info = json.loads(fleet_file.read_text())
-        assert self.info["supervisor_pid"] == self.up.pid
-        wait_for(f"{self.hosts_count} ready hosts", lambda: self.ready_hosts() == self.hosts_count)
 
     # -- where an agent keeps its containers ---------------------------------------------
 
