@@ -37,6 +37,7 @@ from fleetvisor.scheduler import (
     SchedulerConfig,
     place_batch,
 )
+from fleetvisor.scheduler.telemetry import METRICS
 from fleetvisor.store.db import Database
 from fleetvisor.store.tables import (
     ClusterRow,
@@ -48,7 +49,6 @@ from fleetvisor.store.tables import (
 )
 
 HOUR = 3600.0
-METRICS = ("vcpus", "memory", "net")
 
 
 class Stale(Exception):
