@@ -113,6 +113,12 @@ class InstanceRow(Base):
     address: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Why it went where it went: the placement engine's explanation at create time.
     placement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Local scaling: the policy its host's scaling manager applies (None: no policy).
+    # A sibling carved out of a parent points at it; the columns above then hold the
+    # resources carved, and the parent's hold what it kept, so a host's allocation
+    # stays the sum of its instances' rows.
+    scaling_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
