@@ -57,6 +57,8 @@ class InstanceSpec(BaseModel):
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
     resources: ResourceVector
+    # Local scaling (fleetvisor.model.scaling.ScalingPolicy as a dict; None: no policy).
+    scaling: dict[str, Any] | None = None
 
 
 class InstanceReport(BaseModel):
@@ -69,6 +71,11 @@ class InstanceReport(BaseModel):
     started_at: Finite | None = None
     address: Annotated[SafeStr, StringConstraints(max_length=64)] | None = None
     usage: dict[Annotated[SafeStr, StringConstraints(max_length=64)], Finite] = {}
+    # Local scaling: a sibling names the instance it was carved from; a parent with a
+    # policy gives the policy's digest and its service endpoint ("ip:port").
+    parent: Annotated[SafeStr, StringConstraints(max_length=64)] | None = None
+    scaling_digest: Annotated[SafeStr, StringConstraints(max_length=64)] | None = None
+    endpoint: Annotated[SafeStr, StringConstraints(max_length=64)] | None = None
 
 
 class HostInfo(BaseModel):

@@ -119,6 +119,8 @@ class InstanceRow(Base):
     # stays the sum of its instances' rows.
     scaling_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    # Where the instance's service answers for the parent and its siblings ("ip:port").
+    endpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
