@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -12,7 +13,7 @@ from fleetvisor import __version__
 from fleetvisor.agent.core import Agent
 from fleetvisor.api import problems
 from fleetvisor.asyncutil import prepend
-from fleetvisor.errors import Unauthorized
+from fleetvisor.errors import InvalidInput, Unauthorized
 from fleetvisor.model.specs import InstanceReport, InstanceSpec, ResourceVector
 
 bearer = HTTPBearer(auto_error=False)
@@ -50,6 +51,16 @@ def create_agent_app(agent: Agent, token: str) -> FastAPI:
     @app.post("/v1/instances/{instance_id}/resize", dependencies=[Depends(authorized)])
     async def resize(instance_id: str, body: ResourceVector) -> InstanceReport:
         return await agent.resize(instance_id, body.to_resources())
+
+    @app.put("/v1/instances/{instance_id}/scaling", dependencies=[Depends(authorized)])
+    async def set_scaling(instance_id: str, spec: InstanceSpec) -> dict[str, Any]:
+        if spec.id != instance_id:
+            raise InvalidInput(f"the spec is for {spec.id}, not {instance_id}")
+        return await agent.set_scaling(spec)
+
+    @app.get("/v1/instances/{instance_id}/scaling", dependencies=[Depends(authorized)])
+    async def scaling_status(instance_id: str) -> dict[str, Any]:
+        return await agent.scaling_status(instance_id)
 
     @app.get("/v1/instances/{instance_id}/stats", dependencies=[Depends(authorized)])
     async def stats(instance_id: str) -> dict[str, float]:

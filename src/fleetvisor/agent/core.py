@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 from fleetvisor.agent.image_cache import HostImageCache
+from fleetvisor.agent.scaling import ScalingSupervisor
 from fleetvisor.clock import Clock, RealClock
 from fleetvisor.drivers.base import Driver, UnknownInstance
 from fleetvisor.errors import NotFound
@@ -21,7 +24,12 @@ LOG_CHUNK = 64 * 1024
 
 class Agent:
     def __init__(
-        self, driver: Driver, clock: Clock | None = None, images: HostImageCache | None = None
+        self,
+        driver: Driver,
+        clock: Clock | None = None,
+        images: HostImageCache | None = None,
+        state_dir: Path | None = None,
+        service_host: str = "127.0.0.1",
     ) -> None:
         self.driver = driver
         self.clock = clock or RealClock()
@@ -30,22 +38,32 @@ class Agent:
         # One lock per instance: the controller may retry a call while the first
         # attempt is still running; they must not interleave.
         self._locks: dict[str, asyncio.Lock] = {}
+        # Local scaling managers; siblings they carve are this host's own business
+        # until a report tells the controller.
+        self.scaling = ScalingSupervisor(self, state_dir, service_host)
 
-    def _lock(self, instance_id: str) -> asyncio.Lock:
+    def lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
 
     async def create(self, spec: InstanceSpec, start: bool = False) -> InstanceReport:
         """Create the instance (idempotent); with `start`, run it too, in one call."""
-        async with self._lock(spec.id):
+        async with self.lock(spec.id):
             self._launching.setdefault(spec.id, self.clock.monotonic())
             if self.images is not None:
                 await self.images.prepare(spec.id, spec.image)
             report = await self.driver.create(spec)
-            return await self._start(spec.id) if start else report
+            await self.scaling.created(spec)
+            if start:
+                report = await self._start(spec.id)
+        if start:
+            self.scaling.started(spec.id)
+        return self._annotated(report)
 
     async def start(self, instance_id: str) -> InstanceReport:
-        async with self._lock(instance_id):
-            return await self._start(instance_id)
+        async with self.lock(instance_id):
+            report = await self._start(instance_id)
+        self.scaling.started(instance_id)
+        return self._annotated(report)
 
     async def _start(self, instance_id: str) -> InstanceReport:
         report = await _known(instance_id, self.driver.start(instance_id))
@@ -55,11 +73,19 @@ class Agent:
         return report
 
     async def stop(self, instance_id: str) -> InstanceReport:
-        async with self._lock(instance_id):
-            return await _known(instance_id, self.driver.stop(instance_id))
+        # Siblings fold back first: a stopped instance holds its whole size again.
+        await self.scaling.quiesce(instance_id)
+        async with self.lock(instance_id):
+            report = await _known(instance_id, self.driver.stop(instance_id))
+        return self._annotated(report)
 
     async def destroy(self, instance_id: str) -> None:
-        async with self._lock(instance_id):
+        if self.scaling.parent_of(instance_id) is not None:
+            # A sibling the controller removes folds back: its parent gets its share.
+            await self.scaling.fold_child(instance_id, "removed by the controller")
+            return
+        await self.scaling.remove(instance_id)
+        async with self.lock(instance_id):
             await self.driver.destroy(instance_id)
             if self.images is not None:
                 await self.images.release(instance_id)
@@ -67,14 +93,27 @@ class Agent:
         self._launching.pop(instance_id, None)
 
     async def resize(self, instance_id: str, resources: Resources) -> InstanceReport:
-        async with self._lock(instance_id):
+        async with self.lock(instance_id):
             return await _known(instance_id, self.driver.resize(instance_id, resources))
+
+    async def set_scaling(self, spec: InstanceSpec) -> dict[str, Any]:
+        """Apply the instance's scaling policy (`spec.scaling`; None removes it)."""
+        if spec.id not in {r.id for r in await self.driver.list()}:
+            raise NotFound(f"this host has no instance {spec.id}")
+        await self.scaling.set_policy(spec)
+        return self.scaling.status(spec.id)
+
+    async def scaling_status(self, instance_id: str) -> dict[str, Any]:
+        return self.scaling.status(instance_id)
 
     async def stats(self, instance_id: str) -> dict[str, float]:
         return await _known(instance_id, self.driver.stats(instance_id))
 
     async def list(self) -> list[InstanceReport]:
-        return await self.driver.list()
+        return self.scaling.annotate(await self.driver.list())
+
+    def _annotated(self, report: InstanceReport) -> InstanceReport:
+        return self.scaling.annotate([report])[0]
 
     async def logs(
         self, instance_id: str, follow: bool = False, tail: int | None = None

@@ -9,7 +9,7 @@ that it could not do the work.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -32,6 +32,10 @@ class AgentClient(Protocol):
     async def stats(self, instance_id: str) -> dict[str, float]: ...
 
     async def list(self) -> list[InstanceReport]: ...
+
+    async def set_scaling(self, spec: InstanceSpec) -> dict[str, Any]: ...
+
+    async def scaling_status(self, instance_id: str) -> dict[str, Any]: ...
 
     def logs(
         self, instance_id: str, follow: bool = False, tail: int | None = None
@@ -73,6 +77,13 @@ class HttpAgentClient:
     async def list(self) -> list[InstanceReport]:
         return [InstanceReport(**item) for item in await self._call("GET", "/v1/instances")]
 
+    async def set_scaling(self, spec: InstanceSpec) -> dict[str, Any]:
+        path = f"/v1/instances/{spec.id}/scaling"
+        return dict(await self._call("PUT", path, json=spec.model_dump()))
+
+    async def scaling_status(self, instance_id: str) -> dict[str, Any]:
+        return dict(await self._call("GET", f"/v1/instances/{instance_id}/scaling"))
+
     async def logs(
         self, instance_id: str, follow: bool = False, tail: int | None = None
     ) -> AsyncIterator[bytes]:
@@ -96,6 +107,10 @@ class HttpAgentClient:
                     yield chunk
         except httpx.TransportError as exc:
             raise AgentUnreachable(f"{self._client.base_url}: {exc}") from exc
+
+    async def attest(self, nonce: bytes) -> dict[str, Any]:
+        """The agent's answer to an attestation challenge: TPM quote over `nonce` + event log."""
+        return dict(await self._call("POST", "/v1/attestation", json={"nonce": nonce.hex()}))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -25,6 +25,8 @@ from fleetvisor.model.resources import DIMENSIONS, Resources
 from fleetvisor.model.specs import Finite, ResourceVector, SafeStr
 
 Metric = Literal["cpu", "memory", "throttled", "latency"]
+# The label a sibling carries: the id of the instance it was carved from.
+PARENT_LABEL = "fleetvisor.io/parent"
 METRICS: tuple[str, ...] = ("cpu", "memory", "throttled", "latency")
 FRACTION_METRICS = ("cpu", "memory", "throttled")
 
@@ -56,7 +58,7 @@ class ScalingPolicy(BaseModel):
     )
     max_siblings: int = Field(1, ge=1, le=16)
     min_parent: ResourceVector = Field(
-        default_factory=lambda: ResourceVector(vcpus=100, memory=32),
+        default_factory=lambda: ResourceVector(vcpus=100, memory=32, disk=0, net=0),
         description="the parent never drops below this",
     )
     service_port: int | None = Field(
@@ -90,7 +92,9 @@ class ScalingPolicy(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
-        triggers = ", ".join(f"{t.metric} ≥ {t.above:g} (fold ≤ {t.below:g})" for t in self.triggers)
+        triggers = ", ".join(
+            f"{t.metric} ≥ {t.above:g} (fold ≤ {t.below:g})" for t in self.triggers
+        )
         return (
             f"{triggers}; hold {self.hold_s:g}s, carve {self.carve_fraction:.0%}, "
             f"≤ {self.max_siblings} sibling(s), cooldown {self.cooldown_s:g}s"
@@ -105,7 +109,9 @@ def policy_digest(policy: ScalingPolicy | dict | None) -> str | None:
     return policy.digest()
 
 
-def carve(current: Resources, fraction: float, min_parent: Resources) -> tuple[Resources, Resources]:
+def carve(
+    current: Resources, fraction: float, min_parent: Resources
+) -> tuple[Resources, Resources]:
     """Split `current` into (what the parent keeps, what the sibling gets), exactly.
 
     Every dimension is split by the same fraction and rounded down for the sibling, so
@@ -121,9 +127,7 @@ def carve(current: Resources, fraction: float, min_parent: Resources) -> tuple[R
         )
     short = [
         name
-        for name, have, need in zip(
-            DIMENSIONS, kept.as_tuple(), min_parent.as_tuple(), strict=True
-        )
+        for name, have, need in zip(DIMENSIONS, kept.as_tuple(), min_parent.as_tuple(), strict=True)
         if have < need
     ]
     if short:

@@ -6,6 +6,12 @@ runtime's containers survive an agent restart; a restarted agent re-reports them
 Fault injection (as Nova's fake drivers do), through instance labels:
   sim.fleetvisor.io/create-seconds: "5"   create takes this long (clock time)
   sim.fleetvisor.io/fail: "create"|"start" that call fails
+
+A service's load, for local scaling (the group is an instance and the siblings carved
+from it, which carry `fleetvisor.io/parent`):
+  sim.fleetvisor.io/demand: "300;1600@10;300@40"   millicores the group's service asks
+        for, by seconds since the parent started; shared evenly by the running members
+  sim.fleetvisor.io/worker-millicores: "1000"      the most one member can use (one worker)
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from fleetvisor.drivers.sim.workload import WorkloadModel
 from fleetvisor.errors import DriverError
 from fleetvisor.model.resources import Resources
 from fleetvisor.model.resources import parse_capacity as parse_capacity_overrides
+from fleetvisor.model.scaling import PARENT_LABEL
 from fleetvisor.model.specs import (
     HostInfo,
     InstanceReport,
@@ -157,12 +164,37 @@ class SimDriver:
         if record["state"] != "running":
             return {"cpu_millicores": 0.0, "memory_mib": 0.0, "net_mbps": 0.0}
         now = self.clock.now()
+        knobs = spec_labels(InstanceSpec(**record["spec"]), LABEL_PREFIX)
+        if "demand" in knobs:
+            return self._service_usage(instance_id, record, knobs, now)
         fractions = self.workload.usage(instance_id, now, now - (record["started_at"] or now))
         alloc = record["spec"]["resources"]
         return {
             "cpu_millicores": fractions["cpu"] * alloc["vcpus"],
             "memory_mib": fractions["memory"] * alloc["memory"],
             "net_mbps": fractions["net"] * alloc["net"],
+        }
+
+    def _service_usage(
+        self, instance_id: str, record: dict, knobs: dict, now: float
+    ) -> dict[str, float]:
+        """A member's share of its group's demand, capped by its allocation and worker."""
+        group = record["spec"]["labels"].get(PARENT_LABEL, instance_id)
+        root = self._instances.get(group, record)
+        members = [
+            r
+            for i, r in self._instances.items()
+            if r["state"] == "running"
+            and (i == group or r["spec"]["labels"].get(PARENT_LABEL) == group)
+        ]
+        demand = demand_at(str(knobs["demand"]), now - (root["started_at"] or now))
+        alloc = record["spec"]["resources"]
+        cap = min(float(alloc["vcpus"]), float(knobs.get("worker-millicores") or alloc["vcpus"]))
+        cpu = min(demand / max(len(members), 1), cap)
+        return {
+            "cpu_millicores": cpu,
+            "memory_mib": 0.25 * alloc["memory"],
+            "net_mbps": 0.0,
         }
 
     def _get(self, instance_id: str) -> dict:
@@ -190,3 +222,18 @@ class SimDriver:
         tmp = self._path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._instances))
         os.replace(tmp, self._path)
+
+
+def demand_at(schedule: str, seconds: float) -> float:
+    """'300;1600@10;300@40' -> the millicores asked for `seconds` after the start."""
+    value = 0.0
+    for step in schedule.split(";"):
+        amount, _, since = step.strip().partition("@")
+        try:
+            if seconds >= float(since or 0):
+                value = float(amount)
+        except ValueError:
+            raise DriverError(
+                f"sim demand {schedule!r}: use millicores[@seconds];... e.g. 300;1600@10"
+            ) from None
+    return value
