@@ -12,10 +12,15 @@ want=(
     "iproute2:ip"
     "swtpm:swtpm"
     "tpm2-tools:tpm2_quote"
+    "gcc:gcc"
+    "libc6-dev:/usr/include/stdio.h"
 )
 missing=()
 for item in "${want[@]}"; do
     pkg="${item%%:*}" cmd="${item##*:}"
+    case "$cmd" in
+        /*) [ -e "$cmd" ] || missing+=("$pkg"); continue ;; # a file the package ships
+    esac
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/bin/$cmd" ] || missing+=("$pkg")
 done
 [ "${#missing[@]}" -eq 0 ] && exit 0

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from fleetvisor.cli.output import console, emit_json, table
+from fleetvisor.cli.output import console, emit_json, fail, table
 
 image_app = typer.Typer(
     help="Images in the fleet's registry: import, ls, inspect, rm.", no_args_is_help=True
@@ -55,7 +55,9 @@ def image_build(
         str,
         typer.Argument(
             help="busybox (from Debian's busybox-static, with an "
-            "httpd layer) or minbase (Debian minbase, debootstrap)."
+            "httpd layer), minbase (Debian minbase, debootstrap) or httpwork (busybox + "
+            "/bin/httpwork, a one-worker HTTP server burning WORK_US of CPU per request; "
+            "compiled here with gcc, static)."
         ),
     ],
     name: Annotated[str | None, typer.Option(help="NAME[:TAG] [default: KIND:latest].")] = None,
@@ -66,15 +68,21 @@ def image_build(
 
     with tempfile.TemporaryDirectory(prefix="fv-build-") as scratch:
         out = Path(scratch) / "layout"
-        if kind == "busybox":
-            build.build_busybox_image(out, extra_layers=[build.httpd_layer()])
-        elif kind == "minbase":
-            cache = Path.home() / ".cache" / "fleetvisor" / "rootfs"
-            with console.status("debootstrap (a minute the first time; cached after)…"):
-                tree = build.debootstrap_minbase(cache)
-            build.build_rootfs_image(out, tree)
-        else:
-            raise typer.BadParameter(f"{kind!r}: build busybox or minbase")
+        try:
+            if kind == "busybox":
+                build.build_busybox_image(out, extra_layers=[build.httpd_layer()])
+            elif kind == "minbase":
+                cache = Path.home() / ".cache" / "fleetvisor" / "rootfs"
+                with console.status("debootstrap (a minute the first time; cached after)…"):
+                    tree = build.debootstrap_minbase(cache)
+                build.build_rootfs_image(out, tree)
+            elif kind == "httpwork":
+                with console.status("compiling httpwork (once; cached after)…"):
+                    build.build_httpwork_image(out)
+            else:
+                raise typer.BadParameter(f"{kind!r}: build busybox, minbase or httpwork")
+        except (build.RootfsBuildError, build.WorkloadBuildError) as exc:
+            fail(str(exc))
         _import_and_push(out, name or f"{kind}:latest", as_json)
 
 

@@ -3,8 +3,10 @@ pull from a public registry.
 
 `build_busybox_image` makes a busybox rootfs (from Debian's busybox-static) plus optional
 extra layers; `build_rootfs_image` packs any directory (e.g. `debootstrap_minbase`'s tree)
-as one layer. Layers are deterministic (sorted, fixed mtimes, gzip without timestamp), so
-building the same image twice gives the same digests and the host cache shares them.
+as one layer; `build_httpwork_image` adds `/bin/httpwork` (workloads/httpwork.c, compiled
+here once) to the busybox base. Layers are deterministic (sorted, fixed mtimes, gzip
+without timestamp), so building the same image twice gives the same digests and the host
+cache shares them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ EntryKind = Literal["file", "dir", "symlink", "hardlink", "whiteout", "opaque"]
 
 class RootfsBuildError(RuntimeError):
     """A base tree could not be built here (no root, no network, no tool): callers skip."""
+
+
+class WorkloadBuildError(RuntimeError):
+    """A workload binary could not be compiled. `missing_packages` names the Debian packages
+    to install when a tool is missing (callers may skip then); empty means a real failure."""
+
+    def __init__(self, message: str, missing_packages: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.missing_packages = tuple(missing_packages)
 
 
 # --------------------------------------------------------------------------- data
@@ -319,6 +330,7 @@ def write_image(
     entrypoint: Sequence[str] | None = None,
     working_dir: str = "/",
     labels: dict[str, str] | None = None,
+    exposed_ports: Sequence[str] = (),
 ) -> str:
     """Write config + manifest for `layers` (base first) and tag it in index.json; returns
     the manifest digest. An existing image with the same tag is replaced in the index."""
@@ -330,6 +342,8 @@ def write_image(
         image_config["Entrypoint"] = list(entrypoint)
     if labels:
         image_config["Labels"] = dict(labels)
+    if exposed_ports:
+        image_config["ExposedPorts"] = {port: {} for port in exposed_ports}
     config = {
         "created": created,
         "architecture": _oci_architecture(),
@@ -460,6 +474,126 @@ def build_busybox_image(
     for number, entries in enumerate(extra_layers, 1):
         layers.append(write_layer(out, entries, f"extra layer {number}", dir_modes=dir_modes))
     write_image(out, layers, tag=tag, cmd=cmd)
+    return out
+
+
+# --------------------------------------------------------------------------- httpwork
+
+HTTPWORK_SOURCE = Path(__file__).parent / "workloads" / "httpwork.c"
+HTTPWORK_CFLAGS = ("-O2", "-static", "-Wall", "-Wextra")
+_DEBIAN_BUILD_PACKAGES = ("gcc", "libc6-dev")
+# what gcc and ld say without libc6-dev: no headers, no crt1.o, no libc.a
+_NO_LIBC = re.compile(
+    r"cannot find -lc\b|cannot find crt1\.o|fatal error: [\w/.-]+\.h: No such file"
+)
+
+
+def default_workload_cache() -> Path:
+    """Where compiled workload binaries are kept between runs."""
+    return Path.home() / ".cache" / "fleetvisor" / "workloads"
+
+
+def compile_httpwork(
+    cache_dir: Path | None = None,
+    *,
+    source: Path = HTTPWORK_SOURCE,
+    compiler: str = "gcc",
+    timeout: float = 300.0,
+) -> Path:
+    """The static httpwork binary, compiled once per source content (sha256 of the source,
+    flags and machine) into `cache_dir`; later calls, also from other processes, reuse it.
+
+    Raises WorkloadBuildError: with `missing_packages` when gcc or a static libc is missing.
+    """
+    data = Path(source).read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([data, " ".join(HTTPWORK_CFLAGS).encode(), platform.machine().encode()])
+    ).hexdigest()
+    cache = Path(cache_dir) if cache_dir is not None else default_workload_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    binary = cache / f"httpwork-{key[:16]}"
+    if os.access(binary, os.X_OK):
+        return binary
+    lock_fd = os.open(cache / "httpwork.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one compiler per cache dir; others reuse it
+        if os.access(binary, os.X_OK):
+            return binary
+        if shutil.which(compiler) is None:
+            raise WorkloadBuildError(
+                f"{compiler} is not installed: apt-get install gcc libc6-dev "
+                "(httpwork is compiled here as a static binary)",
+                _DEBIAN_BUILD_PACKAGES,
+            )
+        tmp = cache / f".httpwork-{key[:16]}.{secrets.token_hex(4)}"
+        argv = [compiler, *HTTPWORK_CFLAGS, "-o", str(tmp), str(source)]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 0:
+                output = proc.stdout + proc.stderr
+                tail = "\n".join(output.strip().splitlines()[-8:])
+                if _NO_LIBC.search(output):
+                    raise WorkloadBuildError(
+                        "no static C library to link httpwork: apt-get install libc6-dev "
+                        f"(and gcc)\n{tail}",
+                        ("libc6-dev",),
+                    )
+                raise WorkloadBuildError(
+                    f"compiling {source} failed (exit {proc.returncode}): {' '.join(argv)}\n{tail}"
+                )
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, binary)
+        except subprocess.TimeoutExpired:
+            raise WorkloadBuildError(f"compiling {source} took over {timeout}s") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return binary
+    finally:
+        os.close(lock_fd)
+
+
+def build_httpwork_image(
+    out: Path,
+    tag: str = "latest",
+    *,
+    busybox: Path = Path("/bin/busybox"),
+    cache_dir: Path | None = None,
+    source: Path = HTTPWORK_SOURCE,
+    port: int = 8080,
+    work_us: int = 10000,
+) -> Path:
+    """Write the httpwork image into layout `out`: the busybox base layer (the same digest
+    as `build_busybox_image`'s, so host caches share it) plus a layer with /bin/httpwork.
+
+    Runs `/bin/httpwork` (Entrypoint; Cmd empty) with PORT and WORK_US in Env, and
+    exposes `port`/tcp. Raises WorkloadBuildError (no gcc or static libc) or
+    RootfsBuildError (no busybox).
+    """
+    out = Path(out)
+    if not os.access(busybox, os.X_OK):
+        raise RootfsBuildError(f"{busybox} is missing; install Debian's busybox-static")
+    binary = compile_httpwork(cache_dir, source=source)
+    base = busybox_rootfs_entries(busybox)
+    dir_modes = {e.path.strip("/"): e.mode for e in base if e.kind == "dir"}
+    layers = [
+        write_layer(out, base, "busybox base"),
+        write_layer(
+            out,
+            [Entry.file("bin/httpwork", binary.read_bytes(), 0o755)],
+            "httpwork (workloads/httpwork.c)",
+            dir_modes=dir_modes,
+        ),
+    ]
+    write_image(
+        out,
+        layers,
+        tag=tag,
+        entrypoint=("/bin/httpwork",),
+        cmd=(),
+        env=(DEFAULT_PATH, f"PORT={port}", f"WORK_US={work_us}"),
+        exposed_ports=(f"{port}/tcp",),
+    )
     return out
 
 
