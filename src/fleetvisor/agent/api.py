@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetvisor import __version__
+from fleetvisor.agent.attestation_api import attestation_router
 from fleetvisor.agent.core import Agent
 from fleetvisor.api import problems
 from fleetvisor.asyncutil import prepend
@@ -22,6 +23,7 @@ bearer = HTTPBearer(auto_error=False)
 def create_agent_app(agent: Agent, token: str) -> FastAPI:
     app = FastAPI(title="fleetvisor agent", version=__version__)
     problems.install(app)
+    app.include_router(attestation_router(token))  # POST /v1/attestation (measured boot)
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         given = credentials.credentials if credentials else ""

@@ -20,12 +20,14 @@ from typing import Any
 import uvicorn
 
 from fleetvisor.agent.api import create_agent_app
+from fleetvisor.agent.boot import BootOptions, MeasuredBoot, boot_or_exit
 from fleetvisor.agent.core import Agent
 from fleetvisor.agent.image_cache import HostImageCache
 from fleetvisor.client import ApiError, FleetClient
 from fleetvisor.clock import Clock, RealClock
 from fleetvisor.drivers.base import Driver, load_driver
 from fleetvisor.errors import DriverError
+from fleetvisor.model.specs import InstanceSpec
 
 log = logging.getLogger("fleetvisor.agent")
 
@@ -47,8 +49,10 @@ class AgentRuntime:
         clock: Clock | None = None,
         images: HostImageCache | None = None,
         destroy_on_exit: bool = False,
+        measured_boot: MeasuredBoot | None = None,
     ) -> None:
         self.name = name
+        self.measured_boot = measured_boot  # answers attestation challenges (agent/boot.py)
         # A throwaway local fleet removes its instances when it stops; a real host's
         # instances outlive its agent.
         self.destroy_on_exit = destroy_on_exit
@@ -58,7 +62,12 @@ class AgentRuntime:
         self.cluster = cluster
         self.labels = labels or {}
         self.clock = clock or RealClock()
-        self.agent = Agent(driver, self.clock, images)
+        self.agent = Agent(
+            driver, self.clock, images, state_dir=state_dir, service_host=advertise or listen
+        )
+        # A carve or fold is told to the controller at once, not at the next heartbeat.
+        self._heartbeat_now = asyncio.Event()
+        self.agent.scaling.on_notice = self._heartbeat_now.set
         self.state_dir = state_dir
         self.controller = FleetClient(controller_url, token)
         self.host_client: FleetClient | None = None
@@ -73,7 +82,9 @@ class AgentRuntime:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
+        await self.agent.scaling.restore()
         app = create_agent_app(self.agent, self.agent_token)
+        app.state.measured_boot = self.measured_boot
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         serving = asyncio.create_task(server.serve(sockets=[self.sock]))
         loop = asyncio.get_running_loop()
@@ -91,6 +102,7 @@ class AgentRuntime:
             stopping.cancel()
             server.should_exit = True
             await serving
+            await self.agent.scaling.close()
             if self.destroy_on_exit:
                 for report in await self.agent.list():
                     log.info("removing %s as this agent exits", report.name)
@@ -101,6 +113,8 @@ class AgentRuntime:
             self.controller.close()
             if self.host_client:
                 self.host_client.close()
+            if self.measured_boot is not None:
+                self.measured_boot.close()
             log.info("agent %s stopped", self.name)
 
     async def _register_then_heartbeat(self) -> None:
@@ -170,20 +184,28 @@ class AgentRuntime:
     async def heartbeat(self) -> None:
         assert self.host_client is not None
         reports = await self.agent.list()
+        notices = self.agent.scaling.take_notices()
         body = {
             "metrics": await self.agent.host_metrics(),
             "instances": [r.model_dump() for r in reports],
             "ready": self.ready,
+            "scaling_events": [n.model_dump() for n in notices],
         }
         if self.images is not None:
             body["cache"] = (await asyncio.to_thread(self.images.report)).model_dump()
-        answer = await asyncio.to_thread(self.host_client.heartbeat, self.name, body)
+        try:
+            answer = await asyncio.to_thread(self.host_client.heartbeat, self.name, body)
+        except BaseException:
+            self.agent.scaling.give_back(notices)
+            raise
         self.heartbeat_interval = float(answer["heartbeat_interval"])
         await self._destroy(answer.get("destroy", []))
+        for item in answer.get("scaling", []):  # policies the controller holds and we lack
+            await self.agent.scaling.set_policy(InstanceSpec.model_validate(item))
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self.clock.sleep(self.heartbeat_interval)
+            await self._sleep_or_wake(self.heartbeat_interval)
             try:
                 await self.heartbeat()
             except ApiError as exc:
@@ -192,6 +214,17 @@ class AgentRuntime:
                     await self._register_until_done()
                 else:
                     log.warning("heartbeat failed: %s", exc)
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        """Sleep for `seconds`, or less when there is news for the controller."""
+        sleeping = asyncio.ensure_future(self.clock.sleep(seconds))
+        woken = asyncio.ensure_future(self._heartbeat_now.wait())
+        try:
+            await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            woken.cancel()
+        self._heartbeat_now.clear()
 
     async def _destroy(self, instance_ids: list[str]) -> None:
         for instance_id in instance_ids:
@@ -241,8 +274,18 @@ def run_agent(
     cache_budget: int,
     destroy_on_exit: bool = False,
     remove_and_exit: bool = False,
+    measured_boot: BootOptions | None = None,
 ) -> None:
     clock = RealClock()
+    measured = None  # before the driver starts: its binaries are measured first
+    if measured_boot is not None and not remove_and_exit:
+        measured = boot_or_exit(
+            measured_boot,
+            name=name,
+            controller_url=controller_url,
+            token=token,
+            state_dir=state_dir,
+        )
     images = None
     if driver_kind != "sim":  # real drivers run real images from the host's cache
         images = HostImageCache(cache_dir, clock, budget_bytes=cache_budget)
@@ -268,5 +311,6 @@ def run_agent(
         clock=clock,
         images=images,
         destroy_on_exit=destroy_on_exit,
+        measured_boot=measured,
     )
     asyncio.run(runtime.run())

@@ -7,6 +7,7 @@ GET /v1/operations/{id} or follow /v1/events/stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from fleetvisor import __version__
-from fleetvisor.api import image_routes, problems
+from fleetvisor.api import image_routes, problems, trust_routes
 from fleetvisor.api.auth import Admin, controller_of, require_host
 from fleetvisor.api.metrics import FleetCollector, render
 from fleetvisor.api.schemas import (
@@ -51,10 +52,12 @@ from fleetvisor.api.schemas import (
 from fleetvisor.asyncutil import prepend
 from fleetvisor.controller import events
 from fleetvisor.controller.core import Controller
+from fleetvisor.controller.instance_specs import instance_spec
 from fleetvisor.controller.instances import InstanceRequest
 from fleetvisor.controller.moves import plan_rebalance_moves
 from fleetvisor.errors import AgentUnreachable, Conflict, DriverError, Forbidden, NotFound
-from fleetvisor.model.entities import HostState, PowerState
+from fleetvisor.model.entities import HostState, InstanceStatus, PowerState
+from fleetvisor.model.scaling import ScalingPolicy
 from fleetvisor.store.tables import HostRow
 
 MAX_ID = 2**62
@@ -133,6 +136,7 @@ def create_app(controller: Controller, *, run_loops: bool = True) -> FastAPI:
     app.include_router(_operation_routes())
     app.include_router(_event_routes())
     image_routes.install(app)
+    app.include_router(trust_routes.router())
     return app
 
 
@@ -253,11 +257,14 @@ def _host_routes() -> APIRouter:
             instances=body.instances,
             ready=body.ready,
             cache=body.cache,
+            scaling_events=body.scaling_events,
         )
         if result.recover:
             controller.runner.wake()
         return HeartbeatOut(
-            heartbeat_interval=controller.settings.heartbeat_interval, destroy=result.destroy
+            heartbeat_interval=controller.settings.heartbeat_interval,
+            destroy=result.destroy,
+            scaling=result.scaling,
         )
 
     return router
@@ -268,9 +275,13 @@ def _instance_routes() -> APIRouter:
 
     def out(controller: Controller, rows: list) -> list[InstanceOut]:  # type: ignore[type-arg]
         names = controller.names()
+        parents = controller.instances.names_of({r.parent_id for r in rows if r.parent_id})
         return [
             instance_out(
-                r, names.hosts.get(r.host_id or ""), names.groups.get(r.placement_group_id or "")
+                r,
+                names.hosts.get(r.host_id or ""),
+                names.groups.get(r.placement_group_id or ""),
+                parents.get(r.parent_id or ""),
             )
             for r in rows
         ]
@@ -337,6 +348,23 @@ def _instance_routes() -> APIRouter:
     def get_instance(request: Request, name: str) -> InstanceOut:
         controller = controller_of(request)
         return out(controller, [controller.instances.get(name)])[0]
+
+    @router.get("/{name}/scaling-policy")
+    def get_scaling(request: Request, name: str) -> dict[str, Any]:
+        """The instance's local scaling: policy, whole size, siblings and their shares,
+        service endpoint (for a sibling: its parent)."""
+        return controller_of(request).instances.scaling(name)
+
+    @router.put("/{name}/scaling-policy")
+    async def set_scaling(request: Request, name: str, body: ScalingPolicy) -> dict[str, Any]:
+        """Set the policy its host's scaling manager applies; the host takes it up at once
+        (or with its next heartbeat when it cannot be reached now)."""
+        return await _apply_scaling(controller_of(request), name, body)
+
+    @router.delete("/{name}/scaling-policy")
+    async def remove_scaling(request: Request, name: str) -> dict[str, Any]:
+        """Remove the policy: the host folds the siblings back and stops the manager."""
+        return await _apply_scaling(controller_of(request), name, None)
 
     @router.get(
         "/{name}/logs",
@@ -458,6 +486,18 @@ def _event_routes() -> APIRouter:
     return router
 
 
+async def _apply_scaling(
+    controller: Controller, name: str, policy: ScalingPolicy | None
+) -> dict[str, Any]:
+    row = controller.instances.set_scaling_policy(name, policy)
+    host = controller.hosts.by_id(row.host_id) if row.host_id else None
+    if host is not None and row.status == InstanceStatus.RUNNING:
+        agent = controller.clients.for_host(host.name, host.agent_url, host.agent_token)
+        with contextlib.suppress(AgentUnreachable, DriverError):
+            await agent.set_scaling(instance_spec(row))
+    return controller.instances.scaling(name)
+
+
 def _instance_request(body: InstanceIn) -> InstanceRequest:
     return InstanceRequest(
         name=body.name,
@@ -470,6 +510,8 @@ def _instance_request(body: InstanceIn) -> InstanceRequest:
         placement_group=body.placement_group,
         start=body.start,
         required_labels=body.required_labels,
+        trusted_host=body.secure if body.trusted_host is None else body.trusted_host,
+        scaling=body.scaling,
     )
 
 

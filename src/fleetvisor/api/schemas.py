@@ -6,11 +6,13 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from fleetvisor.model.scaling import ScalingNotice, ScalingPolicy
 from fleetvisor.model.specs import (
     CacheReport,
     Finite,
     HostInfo,
     InstanceReport,
+    InstanceSpec,
     ResourceVector,
     SafeStr,
     no_nul,
@@ -85,6 +87,8 @@ class HostOut(BaseModel):
     metrics: dict[str, Any]
     cache: dict[str, Any] = {}
     instances: int = 0
+    attestation_state: str = "unknown"  # trusted | untrusted | unknown
+    attestation: dict[str, Any] = {}  # the last verdict: reason, message, findings, summary
 
 
 class HostRegisterIn(BaseModel):
@@ -122,11 +126,15 @@ class HeartbeatIn(BaseModel):
     instances: Annotated[list[InstanceReport], Field(max_length=10_000)] = []
     ready: bool | None = None
     cache: CacheReport | None = None
+    scaling_events: Annotated[list[ScalingNotice], Field(max_length=1000)] = []
 
 
 class HeartbeatOut(BaseModel):
     heartbeat_interval: float
     destroy: list[str]
+    scaling: list[InstanceSpec] = Field(
+        default_factory=list, description="instances whose scaling policy the host must apply"
+    )
 
 
 class HostStateIn(BaseModel):
@@ -145,6 +153,13 @@ class InstanceIn(BaseModel):
     start: bool = True
     required_labels: StringMap = Field(
         default_factory=dict, description="host labels the instance needs (key=value)"
+    )
+    secure: bool = Field(False, description="a secure instance: requires a trusted host")
+    trusted_host: bool | None = Field(
+        None, description="only hosts whose attestation is trusted [default: secure]"
+    )
+    scaling: ScalingPolicy | None = Field(
+        None, description="local scaling: when the host carves siblings out of it"
     )
 
 
@@ -166,6 +181,10 @@ class InstanceOut(BaseModel):
     status_message: str
     created_at: float
     updated_at: float
+    trusted_host: bool = False
+    parent: str | None = Field(None, description="the instance a sibling was carved from")
+    scaling: dict[str, Any] | None = Field(None, description="the local scaling policy")
+    endpoint: str | None = Field(None, description="the service endpoint of a scaled group")
 
 
 class OperationOut(BaseModel):
@@ -252,13 +271,18 @@ def host_out(row: HostRow, cluster: str | None = None, instances: int = 0) -> Ho
         metrics=row.metrics,
         cache=row.cache or {},
         instances=instances,
+        attestation_state=row.attestation_state,
+        attestation=row.attestation or {},
     )
 
 
 def instance_out(
-    row: InstanceRow, host: str | None = None, group: str | None = None
+    row: InstanceRow, host: str | None = None, group: str | None = None, parent: str | None = None
 ) -> InstanceOut:
     return InstanceOut(
+        parent=parent,
+        scaling=row.scaling_policy,
+        endpoint=row.endpoint,
         id=row.id,
         name=row.name,
         image=row.image,
@@ -276,6 +300,7 @@ def instance_out(
         status_message=row.status_message,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        trusted_host=bool(row.trusted_host),
     )
 
 

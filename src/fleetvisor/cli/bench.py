@@ -161,16 +161,85 @@ def placement(
 @bench_app.command("boot")
 def boot(
     runs: Annotated[int, typer.Option(min=1, max=50, help="Interleaved runs of each start.")] = 5,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Only the JSON document (no progress spinner).")
+    ] = False,
 ) -> None:
     """Measured boot over a swtpm: the chain's cost against a plain agent start in the same
     run, and how many tamper cases (changed code, stale nonce, foreign key, rollback...)
-    leave the host untrusted."""
+    leave the host untrusted. Prints JSON: plain_start_s, measured_start_s, overhead_s,
+    tamper_cases_detected, tamper_cases_total, and the breakdown."""
     from fleetvisor.trust.bench import measure_boot_overhead
     from fleetvisor.trust.errors import ToolsMissing
 
+    status = "booting plain and measured agents…"
     try:
-        with stderr.status("booting plain and measured agents…"):
+        with contextlib.nullcontext() if as_json else stderr.status(status):
             result = measure_boot_overhead(runs=runs)
     except ToolsMissing as exc:
         fail(str(exc))
+    emit_json(result)
+
+
+@bench_app.command("local-scaling")
+def local_scaling(
+    work_us: Annotated[
+        int, typer.Option(min=100, help="CPU microseconds each request costs the service.")
+    ] = 20_000,
+    low_rps: Annotated[float, typer.Option(min=1, help="Requests/s in the low phases.")] = 13.0,
+    ramp: Annotated[float, typer.Option(min=1, help="High phase = RAMP x low.")] = 4.0,
+    low_s: Annotated[float, typer.Option(min=1, help="Seconds of the first low phase.")] = 8.0,
+    high_s: Annotated[float, typer.Option(min=1, help="Seconds of the high phase.")] = 12.0,
+    cool_s: Annotated[
+        float, typer.Option(min=1, help="Seconds of the last low phase (time to fold back).")
+    ] = 14.0,
+    seed: Annotated[int, typer.Option(help="Seed of the Poisson arrivals.")] = 1,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Only the JSON document (no progress bar, no table).")
+    ] = False,
+) -> None:
+    """A one-worker HTTP service under a load ramp (low -> RAMP x low -> low), statically
+    sized and then with a local scaling policy: p95 and throughput per phase, trigger ->
+    sibling serving, request errors, and whether the host's allocation stayed the same.
+
+    Starts a throwaway fleet (runc, one host, temp state dir) and removes everything it
+    made. Needs root, gcc and a static libc (Debian: gcc libc6-dev).
+    """
+    from fleetvisor.bench.local_scaling import LocalScalingConfig, run_local_scaling_bench
+    from fleetvisor.client import ApiError
+    from fleetvisor.errors import FleetvisorError
+    from fleetvisor.images.build import RootfsBuildError, WorkloadBuildError
+
+    config = LocalScalingConfig(
+        work_us=work_us,
+        low_rps=low_rps,
+        ramp=ramp,
+        low_s=low_s,
+        high_s=high_s,
+        cool_s=cool_s,
+        seed=seed,
+    )
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with _progress_bar(show=not as_json) as progress:
+            result = run_local_scaling_bench(config, progress)
+    except (ApiError, FleetvisorError, RootfsBuildError, WorkloadBuildError) as exc:
+        fail(str(exc))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not as_json:
+        for mode in ("static", "scaled"):
+            phases = result["per_phase"][mode]
+            stderr.print(
+                f"  {mode:<7}"
+                + "".join(
+                    f"  {name}: p95 {p['p95_ms'] or 0:>7.1f} ms {p['throughput_rps']:>6.1f}/s"
+                    for name, p in phases.items()
+                )
+            )
+        stderr.print(
+            f"  reaction {result['reaction_s']} s, p95 high static/scaled "
+            f"{result['p95_high_static_over_scaled']}, errors {result['request_errors']}, "
+            f"allocation conserved: {result['host_allocation_conserved']}"
+        )
     emit_json(result)

@@ -22,6 +22,17 @@ from fleetvisor.cli import output
 from fleetvisor.cli.bench import bench_app
 from fleetvisor.cli.images import cache_app, image_app
 from fleetvisor.cli.output import console, emit_json, fail, styled, table
+from fleetvisor.cli.scaling import scaling_app
+from fleetvisor.cli.trust import (
+    LoaderConfigOpt,
+    MeasuredBootOpt,
+    ReleaseDirOpt,
+    SwtpmOpt,
+    TpmDirOpt,
+    boot_options,
+    host_app,
+    release_app,
+)
 from fleetvisor.client import ApiError, FleetClient, connect_local
 from fleetvisor.client.client import DEFAULT_PORT, default_state_dir
 from fleetvisor.errors import FleetvisorError
@@ -52,6 +63,9 @@ app.add_typer(group_app, name="group")
 app.add_typer(image_app, name="image")
 app.add_typer(cache_app, name="cache")
 app.add_typer(bench_app, name="bench")
+app.add_typer(scaling_app, name="scale-policy")
+app.add_typer(host_app, name="host")
+app.add_typer(release_app, name="release")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 DriverOpt = Annotated[
@@ -294,6 +308,11 @@ def agent(
     cache_budget: Annotated[
         str, typer.Option(help="Size the image cache may fill, e.g. 20G.")
     ] = "20G",
+    measured_boot: MeasuredBootOpt = False,
+    loader_config: LoaderConfigOpt = Path("/etc/fleetvisor/loader.json"),
+    tpm_dir: TpmDirOpt = None,
+    swtpm: SwtpmOpt = False,
+    release_dir: ReleaseDirOpt = None,
     remove_instances_and_exit: Annotated[
         bool,
         typer.Option(hidden=True, help="Destroy this host's instances, then exit (cleanup)."),
@@ -330,6 +349,7 @@ def agent(
         cache_budget=parse_size_mib(cache_budget, what="cache budget") << 20,
         destroy_on_exit=destroy_on_exit,
         remove_and_exit=remove_instances_and_exit,
+        measured_boot=boot_options(measured_boot, loader_config, tpm_dir, swtpm, release_dir),
         cluster=cluster,
         labels=labels,
         listen=listen,
@@ -358,6 +378,16 @@ def run(
     group: Annotated[str | None, typer.Option(help="Placement group.")] = None,
     driver: Annotated[str | None, typer.Option(help="Only hosts with this driver.")] = None,
     stopped: Annotated[bool, typer.Option("--stopped", help="Create but do not start.")] = False,
+    secure: Annotated[
+        bool, typer.Option("--secure", help="A secure instance (requires a trusted host).")
+    ] = False,
+    trusted_host: Annotated[
+        bool | None,
+        typer.Option(
+            "--trusted-host/--any-host",
+            help="Only hosts whose attestation is trusted [default: on with --secure].",
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until it runs.")] = True,
     command: Annotated[list[str] | None, typer.Argument(help="Command and arguments.")] = None,
     as_json: JsonOpt = False,
@@ -379,6 +409,8 @@ def run(
         "required_labels": dict(_key_value(item, "label") for item in require_label or []),
         "driver": driver,
         "start": not stopped,
+        "secure": secure,
+        "trusted_host": trusted_host,
     }
     client = ctx.client()
     accepted = client.create_instance(body)
@@ -452,6 +484,15 @@ def show(name: str, as_json: JsonOpt = False) -> None:
         ("created", output.ago(instance["created_at"])),
     ]:
         console.print(f"  {key:<10} {value if value is not None else '-'}")
+    if instance.get("parent"):
+        console.print(f"  {'sibling of':<10} {instance['parent']} (carved by its scaling policy)")
+    if instance.get("scaling"):
+        from fleetvisor.cli.scaling import _print_group
+        from fleetvisor.model.scaling import ScalingPolicy
+
+        policy = ScalingPolicy.model_validate(instance["scaling"])
+        console.print(f"  {'scaling':<10} {policy.describe()}")
+        _print_group(client.scaling_policy(name))
     if ops:
         table(
             ["OPERATION", "KIND", "STATE", "STEP", "ERROR"],
@@ -588,6 +629,7 @@ def hosts(typer_ctx: typer.Context, as_json: JsonOpt = False) -> None:
             "MEMORY MiB",
             "INSTANCES",
             "HEARTBEAT",
+            "TRUST",
         ],
         [
             (
@@ -599,6 +641,7 @@ def hosts(typer_ctx: typer.Context, as_json: JsonOpt = False) -> None:
                 f"{h['allocated']['memory']}/{h['capacity']['memory']}",
                 h["instances"],
                 output.ago(h["last_heartbeat"]),
+                styled(h.get("attestation_state", "unknown")),
             )
             for h in items
         ],

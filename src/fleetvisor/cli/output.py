@@ -31,6 +31,8 @@ STATE_STYLE = {
     "stopping": "cyan",
     "deleting": "cyan",
     "running_op": "cyan",
+    "trusted": "green",
+    "untrusted": "red",
 }
 
 

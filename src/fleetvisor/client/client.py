@@ -201,6 +201,15 @@ class FleetClient:
     def delete_instance(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/instances/{name}")
 
+    def scaling_policy(self, name: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/instances/{name}/scaling-policy"))
+
+    def set_scaling_policy(self, name: str, policy: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("PUT", f"/v1/instances/{name}/scaling-policy", json=policy))
+
+    def remove_scaling_policy(self, name: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/v1/instances/{name}/scaling-policy"))
+
     def logs(self, name: str, follow: bool = False, tail: int | None = None) -> Iterator[str]:
         """The instance's output as text chunks; with `follow`, until interrupted."""
         params: dict[str, Any] = {"follow": follow}
@@ -323,6 +332,49 @@ class FleetClient:
             raise ApiError(
                 0, "Controller unreachable", f"lost the event stream from {self.url}: {exc}"
             ) from exc
+
+    # -- measured boot and attestation ---------------------------------------------------
+
+    def enrol_host(
+        self, host: str, record: dict[str, Any], release_public_key: str | None = None
+    ) -> dict[str, Any]:
+        body = {"host": host, "record": record, "release_public_key": release_public_key}
+        return self.request("POST", "/v1/trust/enrolments", json=body)
+
+    def enrolments(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/trust/enrolments")
+
+    def publish_release(
+        self, signed: dict[str, Any], release_public_key: str | None = None
+    ) -> dict[str, Any]:
+        body = {"signed": signed, "release_public_key": release_public_key}
+        return self.request("POST", "/v1/trust/releases", json=body)
+
+    def releases(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/trust/releases")
+
+    def host_attestation(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/trust/hosts/{name}")
+
+    def attest_host(self, name: str) -> dict[str, Any]:
+        """Challenge the host now; the verdict."""
+        return self.request("POST", f"/v1/trust/hosts/{name}/attest")
+
+    def assigned_release(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/trust/hosts/{name}/release")
+
+    def attestation_nonce(self, name: str) -> str:
+        return str(self.request("POST", f"/v1/trust/hosts/{name}/nonce")["nonce"])
+
+    def submit_evidence(
+        self,
+        name: str,
+        nonce: str,
+        evidence: dict[str, Any],
+        refusal: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        body = {"nonce": nonce, "evidence": evidence, "refusal": refusal}
+        return self.request("POST", f"/v1/trust/hosts/{name}/evidence", json=body)
 
 
 def _api_error(response: httpx.Response) -> ApiError:

@@ -3,6 +3,7 @@
 Controller.start(): migrate schema -> defaults -> admin token -> loops
     health loop:   mark hosts down after missed heartbeats
     runner loop:   drive operations (resumes what a previous run left in flight)
+    attestation:   challenge enrolled hosts after they register, then periodically
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import func, select
 
 from fleetvisor.clock import Clock, RealClock
 from fleetvisor.controller.agent_client import AgentClient, AgentClients
+from fleetvisor.controller.attestation import AttestationService
 from fleetvisor.controller.hosts import HostRegistry
 from fleetvisor.controller.image_cache import CachePlanner
 from fleetvisor.controller.instances import InstanceService
@@ -60,6 +62,7 @@ class Controller:
         self.inventory = Inventory(self.db, self.clock)
         self.hosts = HostRegistry(self.db, self.clock, self.settings)
         self.runner = OperationRunner(self.db, self.clock, self.clients, self.settings)
+        self.attestation = AttestationService(self.db, self.clock, self.settings, self.clients)
         self.admin_token = ""
         self.images = ImageStore(state_dir / "images")
         self.cache = CachePlanner(self.db, self.clock, self.image_size)
@@ -78,6 +81,7 @@ class Controller:
         self._tasks = [
             asyncio.create_task(self._health_loop(), name="health"),
             asyncio.create_task(self.runner.run_forever(), name="operations"),
+            asyncio.create_task(self.attestation.run_forever(), name="attestation"),
         ]
 
     async def stop_loops(self) -> None:

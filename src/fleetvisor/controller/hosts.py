@@ -20,13 +20,17 @@ from sqlalchemy.orm import Session
 
 from fleetvisor.clock import Clock
 from fleetvisor.controller import events
+from fleetvisor.controller.attestation import awaiting_attestation
+from fleetvisor.controller.instance_specs import instance_spec
 from fleetvisor.controller.naming import check_name, new_id
 from fleetvisor.controller.operation_records import ACTIVE_OPS, new_operation
+from fleetvisor.controller.scaling import fold_siblings, sync_groups
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.controller.tokens import digest, new_token
 from fleetvisor.errors import InvalidInput, NotFound
 from fleetvisor.model.entities import HostState, InstanceStatus, OperationKind
-from fleetvisor.model.specs import CacheReport, HostInfo, InstanceReport
+from fleetvisor.model.scaling import ScalingNotice
+from fleetvisor.model.specs import CacheReport, HostInfo, InstanceReport, InstanceSpec
 from fleetvisor.scheduler.telemetry import utilization_from_metrics
 from fleetvisor.store.db import Database
 from fleetvisor.store.tables import ClusterRow, HostRow, HostSampleRow, InstanceRow, OperationRow
@@ -49,6 +53,7 @@ class Registration:
 class ReconcileResult:
     destroy: list[str] = field(default_factory=list)  # ids the agent should remove
     recover: list[str] = field(default_factory=list)  # operation ids created
+    scaling: list[InstanceSpec] = field(default_factory=list)  # policies the host lacks
 
 
 class HostRegistry:
@@ -99,6 +104,7 @@ class HostRegistry:
                 cap_disk=capacity.disk,
                 cap_net=capacity.net,
                 last_heartbeat=now,
+                **awaiting_attestation(now),  # a (re-)registered host proves its boot again
             )
             if cache is not None:
                 fields["cache"] = cache.model_dump()
@@ -155,6 +161,7 @@ class HostRegistry:
         instances: list[InstanceReport],
         ready: bool | None = None,
         cache: CacheReport | None = None,
+        scaling_events: list[ScalingNotice] | None = None,
     ) -> ReconcileResult:
         now = self.clock.now()
         with self.db.write() as session:
@@ -199,7 +206,13 @@ class HostRegistry:
                     cache=host.cache.get("counters", {}),
                 )
             return self._reconcile(
-                session, host, instances, now, previous_heartbeat, record_usage=sample
+                session,
+                host,
+                instances,
+                now,
+                previous_heartbeat,
+                record_usage=sample,
+                notices=scaling_events or [],
             )
 
     def mark_stale_hosts_down(self) -> list[str]:
@@ -258,6 +271,10 @@ class HostRegistry:
                 raise NotFound(f"host {name!r} does not exist; see `fleetvisor hosts`")
             return host
 
+    def by_id(self, host_id: str) -> HostRow | None:
+        with self.db.read() as session:
+            return session.get(HostRow, host_id)
+
     def all(self) -> list[HostRow]:
         with self.db.read() as session:
             return list(session.scalars(select(HostRow).order_by(HostRow.name)))
@@ -294,6 +311,7 @@ class HostRegistry:
         now: float,
         previous_heartbeat: float | None = None,
         record_usage: bool = False,
+        notices: list[ScalingNotice] | None = None,
     ) -> ReconcileResult:
         result = ReconcileResult()
         reported = {report.id: report for report in reports}
@@ -305,6 +323,12 @@ class HostRegistry:
             )
         )
         placed = list(session.scalars(select(InstanceRow).where(InstanceRow.host_id == host.id)))
+        # Siblings carved by local scaling: adopted, folded and accounted for first.
+        groups = sync_groups(session, host, reported, placed, busy, notices or [], now)
+        result.destroy.extend(groups.destroy)
+        by_id = {row.id: row for row in placed}
+        result.scaling.extend(instance_spec(by_id[i]) for i in groups.push_policy)
+        placed = [row for row in placed if row.id not in groups.handled]
         for instance in placed:
             if instance.id in busy:
                 continue
@@ -314,6 +338,7 @@ class HostRegistry:
                 continue
             report = reported.get(instance.id)
             if report is None:
+                fold_siblings(session, instance)  # the host lost them too: recreate it whole
                 op = new_operation(instance, OperationKind.RECOVER, now, self.settings)
                 session.add(op)
                 instance.status = InstanceStatus.PENDING
@@ -351,6 +376,8 @@ class HostRegistry:
                 session.scalars(select(InstanceRow.id).where(InstanceRow.id.in_(list(reported))))
             )
             for instance_id, report in reported.items():
+                if instance_id in groups.handled:
+                    continue
                 if instance_id not in known and instance_id not in busy:
                     result.destroy.append(instance_id)
                     events.record(

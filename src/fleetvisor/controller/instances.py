@@ -30,6 +30,7 @@ from fleetvisor.controller.placement import (
     place,
     serialize_placements,
 )
+from fleetvisor.controller.scaling import ensure_not_sibling, fold_siblings, group_out
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from fleetvisor.model.entities import (
@@ -38,6 +39,7 @@ from fleetvisor.model.entities import (
     PowerState,
 )
 from fleetvisor.model.resources import Resources
+from fleetvisor.model.scaling import ScalingPolicy
 from fleetvisor.scheduler import (
     PlacementDecision,
     PlacementEngine,
@@ -75,6 +77,8 @@ class InstanceRequest:
     placement_group: str | None = None
     start: bool = True
     required_labels: dict[str, str] = field(default_factory=dict)  # host labels k=v
+    trusted_host: bool = False  # only hosts whose attestation is `trusted`
+    scaling: ScalingPolicy | None = None  # the host carves siblings by this policy
 
 
 class InstanceService:
@@ -140,6 +144,7 @@ class InstanceService:
             name=request.name,
             groups=(request.placement_group,) if request.placement_group else (),
             required_labels=request.required_labels,
+            trusted_host=request.trusted_host,
         )
 
     def _place_and_reserve(
@@ -221,6 +226,8 @@ class InstanceService:
             status_message="",
             usage={},
             placement=explanation,
+            trusted_host=request.trusted_host,
+            scaling_policy=request.scaling.model_dump(mode="json") if request.scaling else None,
             created_at=now,
             updated_at=now,
         )
@@ -247,6 +254,9 @@ class InstanceService:
         with self.db.write() as session:
             instance = self._get(session, name)
             ensure_idle(session, instance)
+            ensure_not_sibling(instance, "start or stop")
+            if power == PowerState.STOPPED:
+                fold_siblings(session, instance)  # the host folds them before it stops
             instance.desired_power = power
             instance.status = (
                 InstanceStatus.STARTING if power == PowerState.RUNNING else InstanceStatus.STOPPING
@@ -269,6 +279,8 @@ class InstanceService:
         with self.db.write() as session:
             instance = self._get(session, name)
             ensure_idle(session, instance)
+            ensure_not_sibling(instance, "remove")
+            fold_siblings(session, instance)  # the host removes them with it
             instance.status = InstanceStatus.DELETING
             instance.updated_at = now
             op = new_operation(instance, OperationKind.DELETE, now, self.settings)
@@ -286,6 +298,43 @@ class InstanceService:
     def get(self, name: str) -> InstanceRow:
         with self.db.read() as session:
             return self._get(session, name)
+
+    def set_scaling_policy(self, name: str, policy: ScalingPolicy | None) -> InstanceRow:
+        """Store the policy (None removes it); the host takes it up at once when it can
+        be reached, else with its next heartbeat."""
+        now = self.clock.now()
+        with self.db.write() as session:
+            instance = self._get(session, name)
+            ensure_idle(session, instance)
+            ensure_not_sibling(instance, "set the policy on")
+            instance.scaling_policy = policy.model_dump(mode="json") if policy else None
+            instance.updated_at = now
+            events.record(
+                session,
+                now,
+                "instance.scaling_policy",
+                f"instance/{name}",
+                f"{name}: scaling policy {'set: ' + policy.describe() if policy else 'removed'}",
+                policy=instance.scaling_policy,
+            )
+            return instance
+
+    def names_of(self, ids: set[str]) -> dict[str, str]:
+        if not ids:
+            return {}
+        with self.db.read() as session:
+            rows = session.execute(
+                select(InstanceRow.id, InstanceRow.name).where(InstanceRow.id.in_(list(ids)))
+            )
+            return {k: v for k, v in rows.all()}
+
+    def scaling(self, name: str) -> dict[str, Any]:
+        with self.db.read() as session:
+            instance = self._get(session, name)
+            if instance.parent_id is not None:
+                parent = session.get(InstanceRow, instance.parent_id)
+                return {"parent": parent.name if parent else None}
+            return group_out(session, instance)
 
     def all(self, host: str | None = None, status: str | None = None) -> list[InstanceRow]:
         with self.db.read() as session:

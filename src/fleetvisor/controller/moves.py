@@ -19,12 +19,13 @@ from sqlalchemy import select
 from sqlalchemy.orm.attributes import flag_modified
 
 from fleetvisor.controller import events
+from fleetvisor.controller.instance_specs import instance_spec
 from fleetvisor.controller.instances import InstanceService, release
 from fleetvisor.controller.operation_records import ACTIVE_OPS, new_operation
 from fleetvisor.controller.placement import build_fleet, reserve, serialize_placements
 from fleetvisor.errors import AgentUnreachable, DriverError
 from fleetvisor.model.entities import InstanceStatus, OperationKind, OperationState, PowerState
-from fleetvisor.scheduler import PlacedInstance, plan_rebalance
+from fleetvisor.scheduler import PlacedInstance, PlacementRequest, plan_rebalance
 from fleetvisor.store.tables import HostRow, InstanceRow, OperationRow, PlacementGroupRow
 
 if TYPE_CHECKING:
@@ -86,7 +87,6 @@ async def move_instance(runner: OperationRunner, op_id: str) -> None:
                 row.status = InstanceStatus.CREATING
                 row.updated_at = clock.now()
     runner._step(op_id, "start_on_target")
-    from fleetvisor.controller.operations import _spec
 
     with db.read() as session:
         row = session.get(InstanceRow, spec_instance.id)
@@ -96,7 +96,7 @@ async def move_instance(runner: OperationRunner, op_id: str) -> None:
     agent = runner.clients.for_host(target_name, target_url, target_token)
     running = row.desired_power == PowerState.RUNNING
     try:
-        report = await agent.create(_spec(row), start=running)
+        report = await agent.create(instance_spec(row), start=running)
     except (AgentUnreachable, DriverError) as exc:
         with db.write() as session:
             current = session.get(InstanceRow, row.id)
@@ -151,6 +151,7 @@ def plan_rebalance_moves(
             row.id: row
             for row in session.scalars(select(InstanceRow).where(InstanceRow.host_id.is_not(None)))
         }
+        scaled = {row.parent_id for row in rows.values() if row.parent_id}
         placed = [
             PlacedInstance(
                 id=row.id,
@@ -158,8 +159,12 @@ def plan_rebalance_moves(
                 resources=row.resources,
                 name=row.name,
                 groups=(groups[row.placement_group_id],) if row.placement_group_id else (),
+                request=_trusted_request(row, groups) if row.trusted_host else None,
                 movable=row.id not in busy
-                and row.status in (InstanceStatus.RUNNING, InstanceStatus.STOPPED),
+                and row.status in (InstanceStatus.RUNNING, InstanceStatus.STOPPED)
+                # A scaled group stays on its host: its siblings exist only there.
+                and row.parent_id is None
+                and row.id not in scaled,
             )
             for row in rows.values()
         ]
@@ -196,6 +201,16 @@ def plan_rebalance_moves(
         "operations": operations,
         "dropped": plan.dropped,
     }
+
+
+def _trusted_request(row: InstanceRow, groups: dict[str, str]) -> PlacementRequest:
+    """What a new host must offer an instance that requires a trusted host."""
+    return PlacementRequest(
+        row.resources,
+        driver=row.driver,
+        groups=(groups[row.placement_group_id],) if row.placement_group_id else (),
+        trusted_host=True,
+    )
 
 
 def _end(op: OperationRow, state: OperationState, error: str, now: float) -> None:

@@ -24,12 +24,12 @@ from sqlalchemy import delete, select
 from fleetvisor.clock import Clock
 from fleetvisor.controller import events
 from fleetvisor.controller.agent_client import AgentClient, AgentClients
+from fleetvisor.controller.instance_specs import instance_spec
 from fleetvisor.controller.instances import release
 from fleetvisor.controller.moves import move_instance
 from fleetvisor.controller.operation_records import ACTIVE_OPS
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.errors import AgentUnreachable, DriverError
-from fleetvisor.images.store import Reference
 from fleetvisor.model.entities import (
     HostState,
     InstanceStatus,
@@ -37,7 +37,7 @@ from fleetvisor.model.entities import (
     OperationState,
     PowerState,
 )
-from fleetvisor.model.specs import InstanceReport, InstanceSpec, ResourceVector
+from fleetvisor.model.specs import InstanceReport
 from fleetvisor.store.db import Database
 from fleetvisor.store.tables import HostRow, InstanceRow, OperationRow
 
@@ -145,7 +145,7 @@ class OperationRunner:
         op, instance, host = loaded
         kind = OperationKind(op.kind)
         agent = self.clients.for_host(host.name, host.agent_url, host.agent_token)
-        spec = _spec(instance)
+        spec = instance_spec(instance)
         try:
             self._step(
                 op_id,
@@ -368,18 +368,3 @@ class OperationRunner:
 async def _quietly(call: Awaitable[None]) -> None:
     with contextlib.suppress(AgentUnreachable, DriverError):
         await call
-
-
-def _spec(instance: InstanceRow) -> InstanceSpec:
-    image = instance.image
-    if instance.image_digest:  # the exact content resolved at create time
-        image = f"{Reference.parse(image).name}@{instance.image_digest}"
-    return InstanceSpec(
-        id=instance.id,
-        name=instance.name,
-        image=image,
-        command=instance.command,
-        env=instance.env,
-        labels=instance.labels,
-        resources=ResourceVector.of(instance.resources),
-    )

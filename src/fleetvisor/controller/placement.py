@@ -155,6 +155,8 @@ def build_fleet(
             cpu_features=frozenset(h.cpu_features),
             utilization_history=history.get(h.id, {}),
             neighbours=tuple(neighbours.get(h.id, ())),
+            attestation=h.attestation_state,
+            attestation_reason=str((h.attestation or {}).get("reason", "")),
         )
         for h, cluster, site in session.execute(
             select(HostRow, ClusterRow.name, SiteRow.name)

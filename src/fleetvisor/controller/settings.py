@@ -15,6 +15,9 @@ class ControllerSettings:
     health_check_interval: float = 0.5
     sample_interval: float = 60.0  # seconds between stored utilization samples per host
     sample_retention: float = 48 * 3600.0  # history kept for forecasts (hourly means)
+    attestation_interval: float = 300.0  # seconds between challenges of an enrolled host
+    attestation_poll_interval: float = 1.0  # how soon a newly registered host is challenged
+    attestation_nonce_ttl: float = 60.0  # a host-fetched nonce must be answered by then
 
     @property
     def down_after_seconds(self) -> float:

@@ -98,10 +98,15 @@ class InProcessFleet:
         agent = self.agents[name]
         host = self.controller.hosts.get(name)
         result = self.controller.hosts.heartbeat(
-            host.id, metrics=await agent.host_metrics(), instances=await agent.list()
+            host.id,
+            metrics=await agent.host_metrics(),
+            instances=await agent.list(),
+            scaling_events=agent.scaling.take_notices(),
         )
         for instance_id in result.destroy:
             await agent.destroy(instance_id)
+        for spec in result.scaling:
+            await agent.scaling.set_policy(spec)
         return result.destroy
 
     async def settle(self, max_virtual_seconds: float = 3600.0) -> None:

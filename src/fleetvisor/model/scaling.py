@@ -56,7 +56,9 @@ class ScalingPolicy(BaseModel):
     carve_fraction: Finite = Field(
         0.5, gt=0, lt=1, description="share of the parent's current resources a sibling gets"
     )
-    max_siblings: int = Field(1, ge=1, le=16)
+    max_siblings: int = Field(
+        1, ge=0, le=16, description="at most this many siblings; 0: an endpoint, never a carve"
+    )
     min_parent: ResourceVector = Field(
         default_factory=lambda: ResourceVector(vcpus=100, memory=32, disk=0, net=0),
         description="the parent never drops below this",

@@ -101,6 +101,10 @@ class FleetSnapshot:
             for digest in host.cached_layers:
                 layers[digest].append(i)
         self.ready_code = self.states.code(HostState.READY)
+        self.trusted: Mask = np.array([h.attestation == "trusted" for h in self.hosts], dtype=bool)
+        self.untrusted: Mask = np.array(
+            [h.attestation == "untrusted" for h in self.hosts], dtype=bool
+        )
         self.free: Ints = self.capacity - self.allocated
         self.free_by_host: Ints = self.free.T.copy()  # (n, 4), its own memory: one row a host
         self.allocated_at_build: Ints = self.allocated.copy()

@@ -51,6 +51,9 @@ class HostCandidate:
     utilization_history: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     # Recent usage of the instances already on the host (noisy-neighbour input).
     neighbours: tuple[InstanceUsage, ...] = ()
+    # Remote attestation: "trusted", "untrusted" or "unknown", and the verdict's reason.
+    attestation: str = "unknown"
+    attestation_reason: str = ""
 
     @property
     def free(self) -> Resources:
@@ -76,6 +79,7 @@ class PlacementRequest:
     required_labels: Mapping[str, str] = field(default_factory=dict)  # host label k=v
     required_traits: frozenset[str] = frozenset()  # capabilities / CPU features
     image_layers: Mapping[str, int] = field(default_factory=dict)  # layer digest -> bytes
+    trusted_host: bool = False  # only hosts whose attestation is "trusted"
 
     def describe(self) -> str:
         who = self.name or "the instance"

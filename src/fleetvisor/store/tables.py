@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from fleetvisor.model.resources import Resources
@@ -61,6 +61,13 @@ class HostRow(Base):
     last_sample_at: Mapped[float] = mapped_column(Float, default=0.0)
     registered_at: Mapped[float] = mapped_column(Float)
     last_heartbeat: Mapped[float] = mapped_column(Float)
+    # Remote attestation (controller/attestation.py): trusted | untrusted | unknown, the
+    # last verdict (reason, findings, evidence summary), when it was reached (None: not
+    # since the host last registered), and the highest release version it ever attested.
+    attestation_state: Mapped[str] = mapped_column(String(16), default="unknown")
+    attestation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    min_release_version: Mapped[int] = mapped_column(BigInteger, default=0)
 
     @property
     def capacity(self) -> Resources:
@@ -119,6 +126,8 @@ class InstanceRow(Base):
     # stays the sum of its instances' rows.
     scaling_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    # Only hosts whose attestation is `trusted` may run it (secure instances by default).
+    trusted_host: Mapped[bool] = mapped_column(Boolean, default=False)
     # Where the instance's service answers for the parent and its siblings ("ip:port").
     endpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
@@ -184,6 +193,32 @@ class CachePinRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class EnrolmentRow(Base):
+    """A host's TPM enrolment (trust.EnrolmentRecord): public keys only, keyed by host name,
+    since an operator enrols a host before its agent first registers."""
+
+    __tablename__ = "host_enrolments"
+    host_name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    record: Mapped[dict[str, Any]] = mapped_column(JSON)
+    ak_fingerprint: Mapped[str] = mapped_column(String(71))
+    release_key_id: Mapped[str] = mapped_column(String(71))
+    enrolled_at: Mapped[float] = mapped_column(Float)
+    # The release version handed to the host's boot step last: what it must have booted.
+    release_version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ReleaseRow(Base):
+    """A published, signed release manifest (stage `release`). The highest version is the
+    one every host is assigned: publishing a newer one rolls it out."""
+
+    __tablename__ = "releases"
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    label: Mapped[str] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(71))
+    signed: Mapped[dict[str, Any]] = mapped_column(JSON)
+    published_at: Mapped[float] = mapped_column(Float)
+
+
 class SettingRow(Base):
     """Small controller-wide key/values (e.g. the schema's first-start marker)."""
 
@@ -196,12 +231,14 @@ __all__ = [
     "Base",
     "CachePinRow",
     "ClusterRow",
+    "EnrolmentRow",
     "EventRow",
     "HostSampleRow",
     "HostRow",
     "InstanceRow",
     "OperationRow",
     "PlacementGroupRow",
+    "ReleaseRow",
     "SettingRow",
     "SiteRow",
 ]

@@ -97,7 +97,6 @@ class ScalingSupervisor:
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._balancers: dict[str, ServiceBalancer] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._background: set[asyncio.Task[None]] = set()
         if self.dir is not None and self.dir.is_dir():
             for path in sorted(self.dir.glob("*.json")):
                 group = Group(**json.loads(path.read_text()))
@@ -245,8 +244,6 @@ class ScalingSupervisor:
         for balancer in self._balancers.values():
             await balancer.close()
         self._balancers.clear()
-        for task in list(self._background):
-            task.cancel()
 
     # -- the manager loop -----------------------------------------------------------------
 
@@ -387,28 +384,19 @@ class ScalingSupervisor:
         log.info(
             "scaling: carved %s from %s (%s): %s", name, group.parent, carved.describe(), reason
         )
-        notice = ScalingNotice(
-            kind="carved",
-            parent=group.parent,
-            child=child_id,
-            child_name=name,
-            resources=ResourceVector.of(carved),
-            reason=reason,
-            at=self.clock.now(),
+        self._notify(
+            ScalingNotice(
+                kind="carved",
+                parent=group.parent,
+                child=child_id,
+                child_name=name,
+                resources=ResourceVector.of(carved),
+                reason=reason,
+                # trigger -> the sibling answers at the endpoint (or runs, without one)
+                reaction_s=self.clock.monotonic() - triggered_at,
+                at=self.clock.now(),
+            )
         )
-        if balancer is None:
-            notice.reaction_s = self.clock.monotonic() - triggered_at
-            self._notify(notice)
-        else:
-            self._spawn(self._notify_when_serving(balancer, notice, triggered_at))
-
-    async def _notify_when_serving(
-        self, balancer: ServiceBalancer, notice: ScalingNotice, triggered_at: float
-    ) -> None:
-        assert notice.child is not None
-        answered = await balancer.first_response(notice.child, timeout=5.0)
-        notice.reaction_s = (answered or self.clock.monotonic()) - triggered_at
-        self._notify(notice)
 
     async def _fold(self, group: Group, child_id: str, reason: str) -> None:
         child = group.children[child_id]
@@ -463,11 +451,6 @@ class ScalingSupervisor:
         self.notices = (self.notices + [notice])[-MAX_NOTICES:]
         if self.on_notice is not None:
             self.on_notice()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _save(self, group: Group) -> None:
         if self.dir is None:
