@@ -13,7 +13,7 @@ from fleetvisor.agent.core import Agent
 from fleetvisor.agent.scaling.balancer import ServiceBalancer
 from fleetvisor.agent.scaling.decide import TriggerState
 from fleetvisor.agent.scaling.metrics import GroupSampler
-from fleetvisor.clock import RealClock, VirtualClock
+from fleetvisor.clock import VirtualClock
 from fleetvisor.drivers.sim import SimDriver
 from fleetvisor.drivers.sim.driver import demand_at
 from fleetvisor.errors import InvalidInput
@@ -251,7 +251,7 @@ async def test_balancer_spreads_drains_and_skips_a_dead_member() -> None:
 
     a = await asyncio.start_server(server("a"), "127.0.0.1", 0)
     b = await asyncio.start_server(server("b"), "127.0.0.1", 0)
-    balancer = ServiceBalancer("127.0.0.1", 0, RealClock())
+    balancer = ServiceBalancer("127.0.0.1", 0)
     await balancer.start()
     balancer.add("a", "127.0.0.1", a.sockets[0].getsockname()[1])
     balancer.add("dead", "127.0.0.1", 1)  # refuses: skipped, never an error to the client
@@ -268,7 +268,6 @@ async def test_balancer_spreads_drains_and_skips_a_dead_member() -> None:
     answers = await asyncio.gather(*(request() for _ in range(20)))
     assert all(answer.startswith(b"HTTP/1.0 200") for answer in answers)
     assert served["a"] > 0 and served["b"] > 0 and served["a"] + served["b"] == 20
-    assert await balancer.first_response("b", 1.0) is not None
 
     pending = asyncio.gather(*(request() for _ in range(10)))
     await asyncio.sleep(0)

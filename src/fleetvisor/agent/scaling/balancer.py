@@ -19,8 +19,6 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from fleetvisor.clock import Clock
-
 log = logging.getLogger("fleetvisor.agent.scaling")
 
 CONNECT_TIMEOUT = 2.0
@@ -35,15 +33,12 @@ class Backend:
     active: int = 0
     draining: bool = False
     connections: int = 0
-    first_response_at: float | None = None  # the clock's monotonic time of its first answer
-    answered: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ServiceBalancer:
-    def __init__(self, host: str, port: int, clock: Clock) -> None:
+    def __init__(self, host: str, port: int = 0) -> None:
         self.host = host
-        self.clock = clock
         self.port = port
         self.backends: dict[str, Backend] = {}
         self._server: asyncio.Server | None = None
@@ -100,14 +95,6 @@ class ServiceBalancer:
         self.backends.pop(name, None)
         return drained
 
-    async def first_response(self, name: str, timeout: float) -> float | None:
-        backend = self.backends.get(name)
-        if backend is None:
-            return None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(backend.answered.wait(), timeout)
-        return backend.first_response_at
-
     def _choose(self, tried: set[str]) -> Backend | None:
         candidates = [b for b in self.backends.values() if not b.draining and b.name not in tried]
         return min(candidates, key=lambda b: (b.active, b.connections), default=None)
@@ -156,8 +143,6 @@ class ServiceBalancer:
         writer: asyncio.StreamWriter,
         backend: Backend,
     ) -> None:
-        clock = self.clock
-
         async def upstream() -> None:
             with contextlib.suppress(OSError):
                 while data := await client_reader.read(CHUNK):
@@ -169,9 +154,6 @@ class ServiceBalancer:
         async def downstream() -> None:
             with contextlib.suppress(OSError):
                 while data := await reader.read(CHUNK):
-                    if backend.first_response_at is None:
-                        backend.first_response_at = clock.monotonic()
-                        backend.answered.set()
                     client.write(data)
                     await client.drain()
 

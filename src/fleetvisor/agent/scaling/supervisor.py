@@ -287,12 +287,12 @@ class ScalingSupervisor:
                 stats[member] = await self.agent.driver.stats(member)
         values = sampler.observe(self.clock.monotonic(), stats, members)
         if any(t.metric == "latency" for t in policy.triggers):
-            target = self._probe_target(group, policy)
+            target = self._probe_target(group)
             if target is not None:
                 values["latency"] = await http_probe_ms(*target, policy.probe_path)
         return values
 
-    def _probe_target(self, group: Group, policy: ScalingPolicy) -> tuple[str, int] | None:
+    def _probe_target(self, group: Group) -> tuple[str, int] | None:
         balancer = self._balancers.get(group.parent)
         if balancer is not None:
             return balancer.host, balancer.port
@@ -306,9 +306,7 @@ class ScalingSupervisor:
         if parent is None or parent.address is None:
             log.warning("scaling: %s has no address; its service has no endpoint", group.parent)
             return
-        balancer = ServiceBalancer(
-            self.service_host, policy.listen_port or group.listen_port, self.clock
-        )
+        balancer = ServiceBalancer(self.service_host, policy.listen_port or group.listen_port)
         await balancer.start()
         balancer.add(group.parent, parent.address, policy.service_port)
         for child_id in group.children:
