@@ -280,3 +280,18 @@ async def test_balancer_spreads_drains_and_skips_a_dead_member() -> None:
     await balancer.close()
     a.close()
     b.close()
+
+
+async def test_a_sibling_being_carved_is_not_reported_yet(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    agent = Agent(SimDriver(clock=clock, state_dir=tmp_path / "sim"), clock)
+    spec = parent_spec("1800")
+    await agent.create(spec, start=True)
+    await run_for(clock, 3)
+    group = agent.scaling.groups[spec.id]
+    (child_id,) = group.children
+    group.children[child_id]["state"] = "carving"  # as between its start and its notice
+    reports = await agent.list()
+    assert [r.id for r in reports] == [spec.id]
+    assert reports[0].resources == spec.resources  # its share still shown with the parent
+    await agent.scaling.close()

@@ -76,7 +76,10 @@ async def test_carve_and_fold_keep_the_host_allocation_exact(fleet: InProcessFle
     assert sibling.parent_id == group["web"].id and sibling.status == "running"
     assert group["web"].resources + sibling.resources == SIZE
     assert fleet.controller.hosts.get("host-1").allocated == SIZE  # unchanged
-    assert "instance.carved" in kinds(fleet)
+    with fleet.controller.db.read() as session:
+        carved = session.scalars(select(EventRow).where(EventRow.kind == "instance.carved")).one()
+    # Learnt with the host's notice: why, and when the trigger fired.
+    assert "cpu" in carved.message and carved.data["triggered_at"] is not None
     assert fleet.controller.instances.scaling("web")["siblings"][0]["name"] == "web-s1"
 
     await run(fleet, 14)  # demand falls at 15 s; folds 2 s later

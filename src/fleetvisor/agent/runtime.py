@@ -183,8 +183,9 @@ class AgentRuntime:
 
     async def heartbeat(self) -> None:
         assert self.host_client is not None
-        reports = await self.agent.list()
+        # Notices first: a sibling they announce is then in the reports too.
         notices = self.agent.scaling.take_notices()
+        reports = await self.agent.list()
         body = {
             "metrics": await self.agent.host_metrics(),
             "instances": [r.model_dump() for r in reports],

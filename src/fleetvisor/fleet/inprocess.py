@@ -97,11 +97,12 @@ class InProcessFleet:
     async def heartbeat(self, name: str) -> list[str]:
         agent = self.agents[name]
         host = self.controller.hosts.get(name)
+        notices = agent.scaling.take_notices()  # first: what they announce is listed
         result = self.controller.hosts.heartbeat(
             host.id,
             metrics=await agent.host_metrics(),
             instances=await agent.list(),
-            scaling_events=agent.scaling.take_notices(),
+            scaling_events=notices,
         )
         for instance_id in result.destroy:
             await agent.destroy(instance_id)

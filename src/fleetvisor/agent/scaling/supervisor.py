@@ -178,16 +178,37 @@ class ScalingSupervisor:
             self.started(spec.id)
 
     def annotate(self, reports: list[InstanceReport]) -> list[InstanceReport]:
-        """Reports as the controller needs them: who is whose sibling, which policy runs."""
+        """Reports as the controller needs them: who is whose sibling, which policy runs.
+
+        A sibling still being carved is not reported yet, and its share is reported with
+        its parent: the controller learns of the carve together with its notice.
+        """
+        carving = {
+            child_id: group
+            for group in self.groups.values()
+            for child_id, child in group.children.items()
+            if child["state"] == "carving"
+        }
+        shown = []
         for report in reports:
+            if report.id in carving:
+                continue
             group = self.groups.get(report.id)
             if group is not None:
                 report.scaling_digest = ScalingPolicy.model_validate(group.policy).digest()
                 balancer = self._balancers.get(report.id)
                 report.endpoint = balancer.endpoint if balancer else None
+                pending = [
+                    Resources(**group.children[c]["resources"])
+                    for c, g in carving.items()
+                    if g is group
+                ]
+                for share in pending:
+                    report.resources = ResourceVector.of(report.resources.to_resources() + share)
             else:
                 report.parent = self.parent_of(report.id)
-        return reports
+            shown.append(report)
+        return shown
 
     def take_notices(self) -> list[ScalingNotice]:
         notices, self.notices = self.notices, []
@@ -371,14 +392,15 @@ class ScalingSupervisor:
                 )
             )
             return
-        group.children[child_id]["state"] = "running"
-        self._save(group)
         balancer = self._balancers.get(group.parent)
         if balancer is not None and policy.service_port and report.address:
             ready = await _wait_ready(report.address, policy.service_port, self.clock)
             balancer.add(child_id, report.address, policy.service_port)
             if not ready:
                 log.warning("scaling: %s did not answer in %.0fs", name, READY_TIMEOUT)
+        # Reported from now on, with the notice that says why (see annotate).
+        group.children[child_id]["state"] = "running"
+        self._save(group)
         log.info(
             "scaling: carved %s from %s (%s): %s", name, group.parent, carved.describe(), reason
         )
