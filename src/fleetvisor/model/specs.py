@@ -59,6 +59,9 @@ class InstanceSpec(BaseModel):
     resources: ResourceVector
     # Local scaling (fleetvisor.model.scaling.ScalingPolicy as a dict; None: no policy).
     scaling: dict[str, Any] | None = None
+    # Execution monitoring (fleetvisor.model.health.HealthPolicy as a dict; None: no probes,
+    # default detectors and remedies).
+    health: dict[str, Any] | None = None
 
 
 class InstanceReport(BaseModel):
