@@ -3,21 +3,68 @@
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
+import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, StringConstraints
 
 from fleetvisor import __version__
 from fleetvisor.agent.attestation_api import attestation_router
 from fleetvisor.agent.core import Agent
 from fleetvisor.api import problems
 from fleetvisor.asyncutil import prepend
-from fleetvisor.errors import InvalidInput, Unauthorized
+from fleetvisor.errors import DriverError, InvalidInput, Unauthorized
 from fleetvisor.model.specs import InstanceReport, InstanceSpec, ResourceVector
 
 bearer = HTTPBearer(auto_error=False)
+
+
+class MigrateOut(BaseModel):
+    migration: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")]
+    live: bool = True
+
+
+class MigrateAbort(BaseModel):
+    migration: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")]
+
+
+class MigrateIn(BaseModel):
+    spec: InstanceSpec
+    source_url: Annotated[str, StringConstraints(pattern=r"^https?://[!-~]{1,500}$")]
+    source_token: Annotated[str, StringConstraints(max_length=200)]
+    start: bool = True
+
+
+class RemotePackage:
+    """A migration package on another agent, pulled over HTTP with the migration's token."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(30.0, read=300.0),
+        )
+
+    async def migration_package(self, migration: str) -> AsyncIterator[bytes]:
+        try:
+            async with self._client.stream("GET", f"/v1/migrations/{migration}/package") as answer:
+                if answer.is_error:
+                    await answer.aread()
+                    raise DriverError(
+                        f"the source refused the package of {migration}: "
+                        f"{answer.status_code} {answer.text[:300]}"
+                    )
+                async for chunk in answer.aiter_bytes(1 << 20):
+                    yield chunk
+        except httpx.TransportError as exc:
+            raise DriverError(f"pulling the package of {migration} failed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 def create_agent_app(agent: Agent, token: str) -> FastAPI:
@@ -75,6 +122,35 @@ def create_agent_app(agent: Agent, token: str) -> FastAPI:
         stream = agent.logs(instance_id, follow=follow, tail=tail)
         first = await anext(stream, b"")  # a missing instance fails here, as a 404
         return StreamingResponse(prepend(first, stream), media_type="text/plain")
+
+    # -- migration: the controller drives both ends; the target pulls from the source ----
+
+    @app.post("/v1/instances/{instance_id}/migrate-out", dependencies=[Depends(authorized)])
+    async def migrate_out(instance_id: str, body: MigrateOut) -> dict[str, Any]:
+        return await agent.migrate_out(instance_id, body.migration, body.live)
+
+    @app.post("/v1/instances/{instance_id}/migrate-abort", dependencies=[Depends(authorized)])
+    async def migrate_abort(instance_id: str, body: MigrateAbort) -> InstanceReport:
+        return await agent.migrate_abort(instance_id, body.migration)
+
+    @app.post("/v1/migrations/{migration}/receive", dependencies=[Depends(authorized)])
+    async def migrate_in(migration: str, body: MigrateIn) -> InstanceReport:
+        source = RemotePackage(body.source_url, body.source_token)
+        try:
+            return await agent.migrate_in(body.spec, migration, source, start=body.start)
+        finally:
+            await source.aclose()
+
+    @app.get("/v1/migrations/{migration}/package")
+    async def migration_package(
+        migration: str, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> StreamingResponse:
+        agent.migrations.check_token(migration, credentials.credentials if credentials else "")
+        return StreamingResponse(agent.migration_package(migration), media_type="application/x-tar")
+
+    @app.delete("/v1/migrations/{migration}", status_code=204, dependencies=[Depends(authorized)])
+    async def migrate_forget(migration: str) -> None:
+        await agent.migrate_forget(migration)
 
     @app.delete("/v1/instances/{instance_id}", status_code=204, dependencies=[Depends(authorized)])
     async def destroy(instance_id: str) -> None:

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from fleetvisor.agent.image_cache import HostImageCache
+from fleetvisor.agent.migration import HostMigrations, PackageSource
 from fleetvisor.agent.scaling import ScalingSupervisor
 from fleetvisor.clock import Clock, RealClock
 from fleetvisor.drivers.base import Driver, UnknownInstance
 from fleetvisor.errors import NotFound
+from fleetvisor.model.health import Detection
 from fleetvisor.model.resources import Resources
 from fleetvisor.model.specs import InstanceReport, InstanceSpec
 
@@ -41,6 +43,7 @@ class Agent:
         # Local scaling managers; siblings they carve are this host's own business
         # until a report tells the controller.
         self.scaling = ScalingSupervisor(self, state_dir, service_host)
+        self.migrations = HostMigrations(self, state_dir)
 
     def lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
@@ -91,6 +94,55 @@ class Agent:
                 await self.images.release(instance_id)
         self._locks.pop(instance_id, None)
         self._launching.pop(instance_id, None)
+
+    # -- migration (agent/migration.py) ------------------------------------------------
+
+    async def migrate_out(self, instance_id: str, migration: str, live: bool) -> dict[str, Any]:
+        """Source side: stop the instance into a package (a checkpoint when `live`)."""
+        return await self.migrations.send(instance_id, migration, live)
+
+    def migration_package(self, migration: str) -> AsyncIterator[bytes]:
+        return self.migrations.package(migration)
+
+    async def migrate_in(
+        self,
+        spec: InstanceSpec,
+        migration: str,
+        source: PackageSource,
+        token: str = "",
+        start: bool = True,
+    ) -> InstanceReport:
+        """Target side: pull the package from `source` and run the instance from it.
+        (`token` is for agents over HTTP; an in-process source needs none.)"""
+        report = await self.migrations.receive(spec, migration, source, start)
+        if report.state == "running":
+            self.scaling.started(spec.id)
+        return self._annotated(report)
+
+    async def migrate_abort(self, instance_id: str, migration: str) -> InstanceReport:
+        """Source side: the migration failed; the instance runs here again."""
+        report = await self.migrations.abort(instance_id, migration)
+        if report.state == "running":
+            self.scaling.started(instance_id)
+        return self._annotated(report)
+
+    async def migrate_forget(self, migration: str) -> None:
+        await self.migrations.forget(migration)
+
+    # -- execution monitoring hooks -----------------------------------------------------
+
+    def health_expect_stopped(self, instance_id: str) -> None:
+        """A stop was asked for: the monitor must not call it an exit."""
+
+    def health_expect_running(self, instance_id: str) -> None:
+        """The instance runs again on purpose."""
+
+    def watch_started(self, spec: InstanceSpec) -> None:
+        """Monitor an instance that now runs here."""
+
+    def take_detections(self) -> list[Detection]:
+        """Issues detected since the last heartbeat (the heartbeat carries them)."""
+        return []
 
     async def resize(self, instance_id: str, resources: Resources) -> InstanceReport:
         async with self.lock(instance_id):

@@ -37,6 +37,7 @@ from fleetvisor.api.schemas import (
     InstanceBatchIn,
     InstanceIn,
     InstanceOut,
+    MigrateIn,
     OperationOut,
     Problem,
     SiteIn,
@@ -214,8 +215,22 @@ def _host_routes() -> APIRouter:
 
     @router.post("/{name}/state", dependencies=[Admin])
     def set_host_state(request: Request, name: str, body: HostStateIn) -> HostOut:
-        host = controller_of(request).hosts.set_state(name, HostState(body.state))
+        """`draining` takes no new instances and migrates those whose health policy says so."""
+        controller = controller_of(request)
+        host, created = controller.hosts.change_state(name, HostState(body.state))
+        if created:
+            controller.runner.wake()
         return host_out(host)
+
+    @router.post("/{name}/drain", dependencies=[Admin], status_code=202)
+    def drain_host(request: Request, name: str) -> dict[str, Any]:
+        """Take no new instances and migrate every instance off, one after the other, each
+        to a host that keeps its constraints. Returns the migrations (operations)."""
+        controller = controller_of(request)
+        host, created = controller.hosts.drain(name)
+        controller.runner.wake()
+        ops = [operation_out(controller.operation(op_id)) for op_id in created]
+        return {"host": host_out(host).model_dump(), "operations": [o.model_dump() for o in ops]}
 
     @router.post("/register", dependencies=[Admin], status_code=201)
     def register(request: Request, body: HostRegisterIn) -> HostRegisterOut:
@@ -258,6 +273,7 @@ def _host_routes() -> APIRouter:
             ready=body.ready,
             cache=body.cache,
             scaling_events=body.scaling_events,
+            detections=body.detections,
         )
         if result.recover:
             controller.runner.wake()
@@ -395,6 +411,15 @@ def _instance_routes() -> APIRouter:
         controller.runner.wake()
         return operation_out(op)
 
+    @router.post("/{name}/migrate", status_code=202)
+    def migrate_instance(request: Request, name: str, body: MigrateIn) -> OperationOut:
+        """Move the instance to another host with its state: live (CRIU checkpoint and
+        restore, when both hosts can) or cold (stop, move its files, start)."""
+        controller = controller_of(request)
+        op = controller.instances.migrate(name, to=body.to, mode=body.mode)
+        controller.runner.wake()
+        return operation_out(op)
+
     @router.post("/{name}/start", status_code=202)
     def start_instance(request: Request, name: str) -> OperationOut:
         return power(request, name, PowerState.RUNNING)
@@ -512,6 +537,7 @@ def _instance_request(body: InstanceIn) -> InstanceRequest:
         required_labels=body.required_labels,
         trusted_host=body.secure if body.trusted_host is None else body.trusted_host,
         scaling=body.scaling,
+        health=body.health,
     )
 
 

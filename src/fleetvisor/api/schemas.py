@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from fleetvisor.model.health import Detection, HealthPolicy
 from fleetvisor.model.scaling import ScalingNotice, ScalingPolicy
 from fleetvisor.model.specs import (
     CacheReport,
@@ -127,6 +128,7 @@ class HeartbeatIn(BaseModel):
     ready: bool | None = None
     cache: CacheReport | None = None
     scaling_events: Annotated[list[ScalingNotice], Field(max_length=1000)] = []
+    detections: Annotated[list[Detection], Field(max_length=1000)] = []
 
 
 class HeartbeatOut(BaseModel):
@@ -134,6 +136,13 @@ class HeartbeatOut(BaseModel):
     destroy: list[str]
     scaling: list[InstanceSpec] = Field(
         default_factory=list, description="instances whose scaling policy the host must apply"
+    )
+
+
+class MigrateIn(BaseModel):
+    to: Name | None = Field(None, description="the target host (default: the engine picks)")
+    mode: Literal["auto", "live", "cold"] = Field(
+        "auto", description="live: checkpoint/restore; cold: stop, move files, start"
     )
 
 
@@ -160,6 +169,9 @@ class InstanceIn(BaseModel):
     )
     scaling: ScalingPolicy | None = Field(
         None, description="local scaling: when the host carves siblings out of it"
+    )
+    health: HealthPolicy | None = Field(
+        None, description="execution monitoring: probes, detector thresholds, remedies"
     )
 
 

@@ -41,13 +41,29 @@ class AgentClient(Protocol):
         self, instance_id: str, follow: bool = False, tail: int | None = None
     ) -> AsyncIterator[bytes]: ...
 
+    # Migration (agent/migration.py): the source packs, the target pulls and runs.
+    async def migrate_out(self, instance_id: str, migration: str, live: bool) -> dict[str, Any]: ...
+
+    async def migrate_in(
+        self, spec: InstanceSpec, migration: str, source: Any, token: str = "", start: bool = True
+    ) -> InstanceReport: ...
+
+    async def migrate_abort(self, instance_id: str, migration: str) -> InstanceReport: ...
+
+    async def migrate_forget(self, migration: str) -> None: ...
+
 
 class InstanceMissing(DriverError):
     """The agent does not have this instance."""
 
 
+# A checkpoint of a large instance, or pulling its package, takes longer than a call.
+MIGRATION_TIMEOUT = 600.0
+
+
 class HttpAgentClient:
     def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+        self.url = base_url
         self._client = httpx.AsyncClient(
             base_url=base_url, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
         )
@@ -108,6 +124,37 @@ class HttpAgentClient:
         except httpx.TransportError as exc:
             raise AgentUnreachable(f"{self._client.base_url}: {exc}") from exc
 
+    async def migrate_out(self, instance_id: str, migration: str, live: bool) -> dict[str, Any]:
+        body = {"migration": migration, "live": live}
+        path = f"/v1/instances/{instance_id}/migrate-out"
+        return dict(await self._call("POST", path, json=body, timeout=MIGRATION_TIMEOUT))
+
+    async def migrate_in(
+        self, spec: InstanceSpec, migration: str, source: Any, token: str = "", start: bool = True
+    ) -> InstanceReport:
+        if not isinstance(source, HttpAgentClient):
+            raise DriverError("an agent over HTTP pulls a package only from another such agent")
+        body = {
+            "spec": spec.model_dump(),
+            "source_url": source.url,
+            "source_token": token,
+            "start": start,
+        }
+        path = f"/v1/migrations/{migration}/receive"
+        return InstanceReport(
+            **await self._call("POST", path, json=body, timeout=MIGRATION_TIMEOUT)
+        )
+
+    async def migrate_abort(self, instance_id: str, migration: str) -> InstanceReport:
+        path = f"/v1/instances/{instance_id}/migrate-abort"
+        body = {"migration": migration}
+        return InstanceReport(
+            **await self._call("POST", path, json=body, timeout=MIGRATION_TIMEOUT)
+        )
+
+    async def migrate_forget(self, migration: str) -> None:
+        await self._call("DELETE", f"/v1/migrations/{migration}")
+
     async def attest(self, nonce: bytes) -> dict[str, Any]:
         """The agent's answer to an attestation challenge: TPM quote over `nonce` + event log."""
         return dict(await self._call("POST", "/v1/attestation", json={"nonce": nonce.hex()}))
@@ -115,9 +162,16 @@ class HttpAgentClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _call(self, method: str, path: str, json: object = None):  # type: ignore[no-untyped-def]
+    async def _call(  # type: ignore[no-untyped-def]
+        self, method: str, path: str, json: object = None, timeout: float | None = None
+    ):
         try:
-            response = await self._client.request(method, path, json=json)
+            response = await self._client.request(
+                method,
+                path,
+                json=json,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
         except httpx.TransportError as exc:
             raise AgentUnreachable(
                 f"{self._client.base_url}: {exc.__class__.__name__}: {exc}"

@@ -62,6 +62,7 @@ class Controller:
         self.inventory = Inventory(self.db, self.clock)
         self.hosts = HostRegistry(self.db, self.clock, self.settings)
         self.runner = OperationRunner(self.db, self.clock, self.clients, self.settings)
+        self.runner.scheduler = scheduler
         self.attestation = AttestationService(self.db, self.clock, self.settings, self.clients)
         self.admin_token = ""
         self.images = ImageStore(state_dir / "images")
@@ -98,6 +99,9 @@ class Controller:
             ticks += 1
             try:
                 self.hosts.mark_stale_hosts_down()
+                if self.hosts.evacuations:
+                    self.hosts.evacuations.clear()
+                    self.runner.wake()
                 if ticks % 600 == 0:  # every few minutes: samples past the retention go
                     self.hosts.prune_samples()
             except Exception:  # keep watching: one bad tick must not end liveness checks

@@ -24,11 +24,13 @@ from fleetvisor.controller.attestation import awaiting_attestation
 from fleetvisor.controller.instance_specs import instance_spec
 from fleetvisor.controller.naming import check_name, new_id
 from fleetvisor.controller.operation_records import ACTIVE_OPS, new_operation
+from fleetvisor.controller.remedies import on_detections, on_host_down, on_host_draining
 from fleetvisor.controller.scaling import fold_siblings, sync_groups
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.controller.tokens import digest, new_token
 from fleetvisor.errors import InvalidInput, NotFound
 from fleetvisor.model.entities import HostState, InstanceStatus, OperationKind
+from fleetvisor.model.health import Detection
 from fleetvisor.model.scaling import ScalingNotice
 from fleetvisor.model.specs import CacheReport, HostInfo, InstanceReport, InstanceSpec
 from fleetvisor.scheduler.telemetry import utilization_from_metrics
@@ -61,6 +63,7 @@ class HostRegistry:
         self.db = db
         self.clock = clock
         self.settings = settings
+        self.evacuations: list[str] = []  # migrations the health loop created (wake the runner)
 
     def register(
         self,
@@ -162,6 +165,7 @@ class HostRegistry:
         ready: bool | None = None,
         cache: CacheReport | None = None,
         scaling_events: list[ScalingNotice] | None = None,
+        detections: list[Detection] | None = None,
     ) -> ReconcileResult:
         now = self.clock.now()
         with self.db.write() as session:
@@ -205,7 +209,7 @@ class HostRegistry:
                     f"host {host.name} is ready: it takes instances now",
                     cache=host.cache.get("counters", {}),
                 )
-            return self._reconcile(
+            result = self._reconcile(
                 session,
                 host,
                 instances,
@@ -214,9 +218,13 @@ class HostRegistry:
                 record_usage=sample,
                 notices=scaling_events or [],
             )
+            if detections:
+                result.recover.extend(on_detections(session, host, detections, now, self.settings))
+            return result
 
     def mark_stale_hosts_down(self) -> list[str]:
-        """Hosts whose last heartbeat is older than the allowed gap become `down`."""
+        """Hosts whose last heartbeat is older than the allowed gap become `down`; the
+        instances whose health policy says so are evacuated (`self.evacuations`)."""
         now = self.clock.now()
         cutoff = now - self.settings.down_after_seconds
         with self.db.write() as session:
@@ -255,6 +263,8 @@ class HostRegistry:
                     gap_seconds=round(gap, 3),
                     instances_affected=affected,
                 )
+                session.flush()
+                self.evacuations.extend(on_host_down(session, host, now, self.settings))
             return [host.name for host in stale]
 
     def prune_samples(self) -> int:
@@ -284,6 +294,17 @@ class HostRegistry:
             return session.scalar(select(HostRow).where(HostRow.token_hash == digest(token)))
 
     def set_state(self, name: str, state: HostState) -> HostRow:
+        return self.change_state(name, state)[0]
+
+    def drain(self, name: str) -> tuple[HostRow, list[str]]:
+        """Take no new instances, and migrate every instance off, one after the other."""
+        return self.change_state(name, HostState.DRAINING, evacuate=True)
+
+    def change_state(
+        self, name: str, state: HostState, *, evacuate: bool = False
+    ) -> tuple[HostRow, list[str]]:
+        """Set ready or draining. Draining migrates the instances whose health policy says
+        so (`evacuate`: every instance); returns the migrations created."""
         if state not in (HostState.READY, HostState.DRAINING):
             raise InvalidInput(f"a host can be set to ready or draining, not {state}")
         with self.db.write() as session:
@@ -301,7 +322,13 @@ class HostRegistry:
                     f"host {name} set to {state} (was {host.state})",
                 )
                 host.state = state
-            return host
+            created: list[str] = []
+            if state == HostState.DRAINING:
+                session.flush()
+                created = on_host_draining(
+                    session, host, self.clock.now(), self.settings, every=evacuate
+                )
+            return host, created
 
     def _reconcile(
         self,

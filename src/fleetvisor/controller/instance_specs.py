@@ -22,4 +22,5 @@ def instance_spec(instance: InstanceRow) -> InstanceSpec:
         labels=instance.labels,
         resources=ResourceVector.of(instance.resources),
         scaling=instance.scaling_policy,
+        health=instance.health_policy,
     )

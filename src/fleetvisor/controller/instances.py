@@ -38,6 +38,7 @@ from fleetvisor.model.entities import (
     OperationKind,
     PowerState,
 )
+from fleetvisor.model.health import HealthPolicy
 from fleetvisor.model.resources import Resources
 from fleetvisor.model.scaling import ScalingPolicy
 from fleetvisor.scheduler import (
@@ -79,6 +80,7 @@ class InstanceRequest:
     required_labels: dict[str, str] = field(default_factory=dict)  # host labels k=v
     trusted_host: bool = False  # only hosts whose attestation is `trusted`
     scaling: ScalingPolicy | None = None  # the host carves siblings by this policy
+    health: HealthPolicy | None = None  # probes, detectors, remedies (None: defaults)
 
 
 class InstanceService:
@@ -228,6 +230,8 @@ class InstanceService:
             placement=explanation,
             trusted_host=request.trusted_host,
             scaling_policy=request.scaling.model_dump(mode="json") if request.scaling else None,
+            health_policy=request.health.model_dump(mode="json") if request.health else None,
+            required_labels=dict(request.required_labels) or None,
             created_at=now,
             updated_at=now,
         )
@@ -298,6 +302,18 @@ class InstanceService:
     def get(self, name: str) -> InstanceRow:
         with self.db.read() as session:
             return self._get(session, name)
+
+    def migrate(self, name: str, to: str | None = None, mode: str = "auto") -> OperationRow:
+        """Move the instance to another host with its state (controller/migrations.py)."""
+        from fleetvisor.controller.migrations import request_migration
+
+        now = self.clock.now()
+        with self.db.write() as session:
+            instance = self._get(session, name)
+            return request_migration(
+                session, instance, now=now, settings=self.settings, to=to, mode=mode,
+                reason="requested by an operator",
+            )  # fmt: skip
 
     def set_scaling_policy(self, name: str, policy: ScalingPolicy | None) -> InstanceRow:
         """Store the policy (None removes it); the host takes it up at once when it can

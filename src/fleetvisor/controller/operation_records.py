@@ -10,6 +10,10 @@ from fleetvisor.store.tables import InstanceRow, OperationRow
 ACTIVE_OPS = (OperationState.PENDING, OperationState.RUNNING)
 
 
+class GiveUp(Exception):
+    """The agent stayed unreachable past the operation's deadline, or its host is down."""
+
+
 def new_operation(
     instance: InstanceRow, kind: OperationKind, now: float, settings: ControllerSettings
 ) -> OperationRow:

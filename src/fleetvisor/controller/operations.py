@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import delete, select
 
@@ -26,8 +27,10 @@ from fleetvisor.controller import events
 from fleetvisor.controller.agent_client import AgentClient, AgentClients
 from fleetvisor.controller.instance_specs import instance_spec
 from fleetvisor.controller.instances import release
+from fleetvisor.controller.migrations import migrate_instance
 from fleetvisor.controller.moves import move_instance
 from fleetvisor.controller.operation_records import ACTIVE_OPS
+from fleetvisor.controller.operation_records import GiveUp as _GiveUp
 from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.errors import AgentUnreachable, DriverError
 from fleetvisor.model.entities import (
@@ -38,14 +41,11 @@ from fleetvisor.model.entities import (
     PowerState,
 )
 from fleetvisor.model.specs import InstanceReport
+from fleetvisor.scheduler.config import SchedulerConfig
 from fleetvisor.store.db import Database
 from fleetvisor.store.tables import HostRow, InstanceRow, OperationRow
 
 log = logging.getLogger(__name__)
-
-
-class _GiveUp(Exception):
-    """The agent stayed unreachable past the deadline, or its host is down."""
 
 
 class OperationRunner:
@@ -56,6 +56,7 @@ class OperationRunner:
         self.clock = clock
         self.clients = clients
         self.settings = settings
+        self.scheduler: SchedulerConfig | None = None  # placement of migrations (Controller)
         self._active: dict[str, asyncio.Task[None]] = {}
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,6 +127,7 @@ class OperationRunner:
         handlers: dict[OperationKind, Callable[[str], Awaitable[None]]] = {
             OperationKind.DELETE: self._delete,
             OperationKind.MOVE: self._move,
+            OperationKind.MIGRATE: self._migrate,
         }
         handler = handlers.get(kind, self._converge)
         try:
@@ -301,6 +303,11 @@ class OperationRunner:
     async def _move(self, op_id: str) -> None:
         await move_instance(self, op_id)
 
+    # -- migrate: with the instance's state (controller/migrations.py) ------------------
+
+    async def _migrate(self, op_id: str) -> None:
+        await migrate_instance(self, op_id)
+
     # -- shared --------------------------------------------------------------------------
 
     def _load(self, op_id: str) -> tuple[OperationRow, InstanceRow, HostRow] | None:
@@ -324,9 +331,7 @@ class OperationRunner:
             return None
         return op, instance, host
 
-    async def _reach(
-        self, op_id: str, host_id: str, call: Callable[[], Awaitable[InstanceReport | None]]
-    ):  # type: ignore[no-untyped-def]
+    async def _reach(self, op_id: str, host_id: str, call: Callable[[], Awaitable[Any]]):  # type: ignore[no-untyped-def]
         """Call the agent, retrying while it is unreachable, until the deadline or host down."""
         delay = self.settings.retry_initial
         while True:

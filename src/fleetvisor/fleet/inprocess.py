@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fleetvisor.agent.core import Agent
+from fleetvisor.agent.migration import HostMigrations
 from fleetvisor.clock import Clock, VirtualClock
 from fleetvisor.controller.agent_client import AgentClient, AgentClients
 from fleetvisor.controller.core import Controller
@@ -43,6 +44,7 @@ class InProcessFleet:
         settings: ControllerSettings | None = None,
     ) -> None:
         self.clock = clock or VirtualClock()
+        self.state_dir = state_dir
         self.agents: dict[str, Agent] = {}
         self.unreachable: set[str] = set()
         self.controller = Controller(
@@ -74,6 +76,8 @@ class InProcessFleet:
             persist=False,
         )
         agent = Agent(driver, self.clock)
+        # Only the migration staging area is on disk; everything else is in memory.
+        agent.migrations = HostMigrations(agent, self.state_dir / "hosts" / name)
         self.agents[name] = agent
         await self.register(name, cluster)
         return agent
@@ -103,6 +107,7 @@ class InProcessFleet:
             metrics=await agent.host_metrics(),
             instances=await agent.list(),
             scaling_events=notices,
+            detections=agent.take_detections(),
         )
         for instance_id in result.destroy:
             await agent.destroy(instance_id)

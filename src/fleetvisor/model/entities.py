@@ -62,6 +62,7 @@ class OperationKind(StrEnum):
     DELETE = "delete"
     RECOVER = "recover"  # recreate an instance its host lost, on the same host
     MOVE = "move"  # cold move to another host (a rebalance step)
+    MIGRATE = "migrate"  # to another host with its state (live or cold)
 
 
 class OperationState(StrEnum):

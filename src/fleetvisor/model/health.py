@@ -106,7 +106,7 @@ class HealthPolicy(BaseModel):
     """Probes, detector thresholds and remedies for one instance."""
 
     probes: Annotated[list[Probe], Field(max_length=8)] = []
-    detectors: Detectors = Field(default_factory=Detectors)
+    detectors: Detectors = Field(default_factory=lambda: Detectors.model_validate({}))
     remedies: dict[Issue, Remedy] = {}  # overrides of DEFAULT_REMEDIES
     max_restarts: int = Field(3, ge=0, le=1000, description="in-place restarts per window")
     restart_window_s: Finite = Field(300.0, gt=0, le=86_400)

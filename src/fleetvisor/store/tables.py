@@ -130,6 +130,12 @@ class InstanceRow(Base):
     trusted_host: Mapped[bool] = mapped_column(Boolean, default=False)
     # Where the instance's service answers for the parent and its siblings ("ip:port").
     endpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Execution monitoring: probes, detectors, remedies (None: defaults), and the remedies
+    # the controller applied ({"migrations": [times], "backoff_until": t, "last": {...}}).
+    health_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    remedies: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Host labels it needs (key=value): kept for every later placement (migration, moves).
+    required_labels: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 

@@ -1,0 +1,252 @@
+"""Migration on a host: pack an instance for another host, or unpack and run one from another.
+
+    source  send(id, m, live)    live + checkpoint capability: CRIU checkpoint (the
+                                 process stops, its memory is in checkpoint/)
+                                 otherwise: stop
+                                 then the writable layer -> upper.tar, meta.json last
+            package(m)           the staging dir as one tar stream (the target pulls it)
+            abort(id, m)         the migration failed elsewhere: run it here again
+                                 (restore the checkpoint, or start)
+    target  receive(spec, m, source, live, start)
+                                 pull the package -> create (image layers, network) ->
+                                 writable layer in -> restore the checkpoint, or start
+    both    forget(m)            remove the staging dir
+
+Every step is idempotent, so the controller can repeat a call after its own crash or a
+lost answer: `send` of a packed instance returns the same meta.json, `receive` of an
+instance that already runs here returns its report, `abort` of a running instance
+leaves it alone. A staging dir is complete only once meta.json exists (written last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fleetvisor.drivers.base import Capability, UnknownInstance
+from fleetvisor.errors import Conflict, DriverError, InvalidInput, NotFound, Unauthorized
+from fleetvisor.model.specs import InstanceReport, InstanceSpec
+
+if TYPE_CHECKING:
+    from fleetvisor.agent.core import Agent
+
+CHUNK = 1 << 20
+MIGRATION_ID = __import__("re").compile(r"^[a-z0-9-]{1,64}$")
+
+
+class PackageSource(Protocol):
+    """Where a target pulls a package from: the source agent, over HTTP or in-process."""
+
+    def migration_package(self, migration: str) -> AsyncIterator[bytes]: ...
+
+
+class HostMigrations:
+    def __init__(self, agent: Agent, state_dir: Path | None) -> None:
+        self.agent = agent
+        self._root = state_dir / "migrations" if state_dir is not None else None
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            raise Conflict("this agent has no state dir to stage a migration in")
+        return self._root
+
+    def _dir(self, migration: str, side: str) -> Path:
+        if not MIGRATION_ID.match(migration):
+            raise InvalidInput(f"migration id {migration!r} must be 1-64 of [a-z0-9-]")
+        return self.root / side / migration
+
+    # -- source ------------------------------------------------------------------------
+
+    async def send(self, instance_id: str, migration: str, live: bool) -> dict[str, Any]:
+        """Stop the instance into a package: a checkpoint (live) or its files (cold)."""
+        staging = self._dir(migration, "out")
+        meta_path = staging / "meta.json"
+        if meta_path.exists():  # packed already: a repeated call
+            return dict(json.loads(meta_path.read_text()))
+        driver = self.agent.driver
+        reports = {r.id: r for r in await driver.list()}
+        if instance_id not in reports:
+            raise NotFound(f"this host has no instance {instance_id}")
+        if self.agent.scaling.parent_of(instance_id) is not None:
+            raise Conflict("a sibling carved by local scaling does not migrate on its own")
+        # Siblings fold back first: the instance leaves whole, its policy travels in its spec.
+        await self.agent.scaling.quiesce(instance_id, "the instance migrates")
+        was_running = reports[instance_id].state == "running"
+        live = live and was_running and Capability.CHECKPOINT in driver.capabilities()
+        await asyncio.to_thread(_fresh_dir, staging)
+        began = time.monotonic()
+        self.agent.health_expect_stopped(instance_id)
+        info: dict[str, Any] = {}
+        async with self.agent.lock(instance_id):
+            if live:
+                info = await driver.checkpoint(instance_id, staging / "checkpoint")  # type: ignore[attr-defined]
+            elif was_running:
+                await driver.stop(instance_id)
+            stopped = time.monotonic()
+            if hasattr(driver, "export_state"):
+                await driver.export_state(instance_id, staging / "upper.tar")
+        meta = {
+            "instance": instance_id,
+            # The target pulls the package with this secret, not with the controller's token.
+            "token": secrets.token_urlsafe(24),
+            "live": live,
+            "was_running": was_running,
+            "dump_s": round(stopped - began, 4),
+            "pack_s": round(time.monotonic() - began, 4),
+            "bytes": await asyncio.to_thread(_size, staging),
+            **{f"driver_{k}": v for k, v in info.items() if isinstance(v, int | float)},
+        }
+        tmp = staging / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(meta_path)
+        return meta
+
+    def check_token(self, migration: str, token: str) -> None:
+        meta = _read_meta(self._dir(migration, "out"))
+        if meta is None:
+            raise NotFound(f"no packed migration {migration} on this host")
+        if not hmac.compare_digest(str(meta.get("token", "")).encode(), token.encode()):
+            raise Unauthorized("this migration's package needs the token its source gave")
+
+    async def package(self, migration: str) -> AsyncIterator[bytes]:
+        """The complete staging dir as an uncompressed tar stream."""
+        staging = self._dir(migration, "out")
+        if not (staging / "meta.json").exists():
+            raise NotFound(f"no packed migration {migration} on this host")
+        proc = await asyncio.create_subprocess_exec(
+            "tar", "-C", str(staging), "--xattrs", "--xattrs-include=*", "-cf", "-", ".",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            while chunk := await proc.stdout.read(CHUNK):
+                yield chunk
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await proc.wait()
+
+    async def abort(self, instance_id: str, migration: str) -> InstanceReport:
+        """Run the instance here again after a migration that did not finish elsewhere."""
+        staging = self._dir(migration, "out")
+        driver = self.agent.driver
+        reports = {r.id: r for r in await driver.list()}
+        report = reports.get(instance_id)
+        if report is None:
+            raise NotFound(f"this host has no instance {instance_id} any more")
+        meta = _read_meta(staging)
+        if report.state != "running" and (meta is None or meta.get("was_running", True)):
+            checkpoint = staging / "checkpoint"
+            async with self.agent.lock(instance_id):
+                if checkpoint.is_dir() and meta is not None and meta.get("live"):
+                    spec = await self._spec_of(instance_id)
+                    report = await driver.restore(spec, checkpoint, None)  # type: ignore[attr-defined]
+                else:
+                    report = await driver.start(instance_id)
+            self.agent.health_expect_running(instance_id)
+        await self.forget(migration)
+        return report
+
+    # -- target ------------------------------------------------------------------------
+
+    async def receive(
+        self, spec: InstanceSpec, migration: str, source: PackageSource, start: bool
+    ) -> InstanceReport:
+        """Pull the package from `source` and run the instance here from it."""
+        driver = self.agent.driver
+        current = {r.id: r for r in await driver.list()}.get(spec.id)
+        if current is not None and (current.state == "running" or not start):
+            await self.forget(migration)
+            return current  # done already: a repeated call
+        staging = self._dir(migration, "in")
+        if not (staging / "meta.json").exists():
+            await asyncio.to_thread(_fresh_dir, staging)
+            await _pull(source.migration_package(migration), staging)
+        meta = _read_meta(staging)
+        if meta is None:
+            raise DriverError(f"the package of migration {migration} arrived without meta.json")
+        # Create prepares everything but the process: image layers, rootfs, network.
+        await self.agent.create(spec, start=False)
+        async with self.agent.lock(spec.id):
+            upper = staging / "upper.tar"
+            if upper.exists() and hasattr(driver, "import_state"):
+                await driver.import_state(spec.id, upper)
+            if meta.get("live") and start:
+                report = await driver.restore(spec, staging / "checkpoint", None)  # type: ignore[attr-defined]
+            elif start and meta.get("was_running", True):
+                report = await driver.start(spec.id)
+            else:
+                report = {r.id: r for r in await driver.list()}[spec.id]
+        if report.state == "running":
+            self.agent.health_expect_running(spec.id)
+            self.agent.watch_started(spec)
+        await self.forget(migration)
+        return report
+
+    # -- both --------------------------------------------------------------------------
+
+    async def forget(self, migration: str) -> None:
+        if self._root is None:
+            return
+        for side in ("in", "out"):
+            path = self._dir(migration, side)
+            if path.exists():
+                await asyncio.to_thread(shutil.rmtree, path, True)
+
+    async def _spec_of(self, instance_id: str) -> InstanceSpec:
+        spec_of = getattr(self.agent.driver, "spec_of", None)
+        if spec_of is None:
+            raise DriverError(f"the {self.agent.driver.kind} driver cannot restore a checkpoint")
+        try:
+            spec: InstanceSpec = await spec_of(instance_id)
+        except UnknownInstance:
+            raise NotFound(f"this host has no instance {instance_id}") from None
+        return spec
+
+
+async def _pull(stream: AsyncIterator[bytes], dest: Path) -> None:
+    """Unpack a tar stream into dest with GNU tar (keeps whiteouts and overlay xattrs)."""
+    proc = await asyncio.create_subprocess_exec(
+        "tar", "-C", str(dest), "--xattrs", "--xattrs-include=*", "-xf", "-",
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        async for chunk in stream:
+            proc.stdin.write(chunk)
+            await proc.stdin.drain()
+        proc.stdin.close()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    error = await proc.stderr.read()
+    if await proc.wait() != 0:
+        raise DriverError(f"unpacking the migration package failed: {error.decode()[-500:]}")
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _read_meta(staging: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((staging / "meta.json").read_text()))
+    except (FileNotFoundError, ValueError):
+        return None
