@@ -210,6 +210,8 @@ class OperationOut(BaseModel):
     created_at: float
     updated_at: float
     deadline: float
+    # What a finished migration measured: mode, downtime_ms, package_bytes, dump_s.
+    result: dict[str, Any] | None = None
 
 
 class InstanceAccepted(BaseModel):
@@ -328,6 +330,7 @@ def operation_out(row: OperationRow) -> OperationOut:
         created_at=row.created_at,
         updated_at=row.updated_at,
         deadline=row.deadline,
+        result=(row.params or {}).get("result"),
     )
 
 

@@ -18,7 +18,7 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fleetvisor import __version__
-from fleetvisor.cli import output
+from fleetvisor.cli import migration, output
 from fleetvisor.cli.bench import bench_app
 from fleetvisor.cli.images import cache_app, image_app
 from fleetvisor.cli.output import console, emit_json, fail, styled, table
@@ -64,6 +64,8 @@ app.add_typer(image_app, name="image")
 app.add_typer(cache_app, name="cache")
 app.add_typer(bench_app, name="bench")
 app.add_typer(scaling_app, name="scale-policy")
+app.command()(migration.migrate)
+app.command()(migration.drain)
 app.add_typer(host_app, name="host")
 app.add_typer(release_app, name="release")
 
@@ -388,11 +390,33 @@ def run(
             help="Only hosts whose attestation is trusted [default: on with --secure].",
         ),
     ] = None,
+    probe: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A liveness probe (repeat): tcp:PORT, http:PORT/PATH or exec:COMMAND, "
+            "optionally ;every=S;fail=N, e.g. 'http:8080/healthz;every=2;fail=3'.",
+        ),
+    ] = None,
+    remedy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="ISSUE=REMEDY (repeat), REMEDY restart, migrate or alert; ISSUE e.g. "
+            "probe_failed, oom_killed, noisy_neighbour, restart_loop, host_down.",
+        ),
+    ] = None,
+    health: Annotated[
+        str | None,
+        typer.Option(help="A whole health policy as JSON (probes, detectors, remedies)."),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until it runs.")] = True,
     command: Annotated[list[str] | None, typer.Argument(help="Command and arguments.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create an instance and start it; waits until it runs unless --no-wait."""
+    """Create an instance and start it; waits until it runs unless --no-wait.
+
+    With --probe, --remedy or --health the instance is monitored: its host probes it and
+    watches its counters (CPU throttling, memory, OOM kills, run-queue wait), restarts it
+    in place, and the fleet migrates it when the policy says so (see DESIGN.md)."""
     body = {
         "name": name,
         "image": image,
@@ -412,6 +436,10 @@ def run(
         "secure": secure,
         "trusted_host": trusted_host,
     }
+    if probe or remedy or health:
+        from fleetvisor.cli.health import health_policy
+
+        body["health"] = health_policy(probe or [], remedy or [], health)
     client = ctx.client()
     accepted = client.create_instance(body)
     op = accepted["operation"]
@@ -719,10 +747,13 @@ def host_show(name: str, as_json: JsonOpt = False) -> None:
 
 
 @hosts_app.command("drain")
-def host_drain(name: str, as_json: JsonOpt = False) -> None:
-    """Stop placing new instances on a host."""
-    host = ctx.client().set_host_state(name, "draining")
-    emit_json(host) if as_json else console.print(f"{name}: {styled(host['state'])}")
+def host_drain(
+    name: str,
+    wait: Annotated[bool, typer.Option(help="Wait for every migration to end.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Empty a host: no new instances, and every instance migrates off (= fleetvisor drain)."""
+    migration.drain(name, wait=wait, as_json=as_json)
 
 
 @hosts_app.command("ready")

@@ -192,6 +192,15 @@ class FleetClient:
     def explain(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/instances/{name}/explain")
 
+    def migrate_instance(
+        self, name: str, to: str | None = None, mode: str = "auto"
+    ) -> dict[str, Any]:
+        body = {"to": to, "mode": mode}
+        return dict(self.request("POST", f"/v1/instances/{name}/migrate", json=body))
+
+    def drain_host(self, name: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/hosts/{name}/drain"))
+
     def start_instance(self, name: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/instances/{name}/start")
 
