@@ -23,12 +23,16 @@ for item in "${want[@]}"; do
     esac
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/bin/$cmd" ] || missing+=("$pkg")
 done
-[ "${#missing[@]}" -eq 0 ] && exit 0
-if [ "$(id -u)" != 0 ]; then
-    echo "system-deps: not root; missing ${missing[*]} (tests that need them will skip)" >&2
-    exit 0
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "system-deps: not root; missing ${missing[*]} (tests that need them will skip)" >&2
+    else
+        echo "system-deps: installing ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
 fi
-echo "system-deps: installing ${missing[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq >/dev/null
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Parts that need more than a package: each script is idempotent and caches its work.
+"$here/deps/criu.sh"   # CRIU >= 4.1 (live migration): Debian 12's 3.17 fails on new kernels

@@ -236,3 +236,38 @@ async def test_a_down_host_is_evacuated_for_instances_with_a_policy(fleet: InPro
     assert host_of(fleet, "plain") == "host-1"  # no policy: it waits for its host
     (event,) = events(fleet, "instance.migrated")
     assert "data lost" in event.message
+
+
+async def run(fleet: InProcessFleet, seconds: float, host: str = "host-1") -> None:
+    """Let the hosts' monitors run on the virtual clock, heartbeating every second."""
+    for _ in range(int(seconds * 4)):
+        await fleet.clock.advance(0.25)  # type: ignore[attr-defined]
+        if int(fleet.clock.monotonic() * 4) % 4 == 0:
+            for name in fleet.agents:
+                await fleet.heartbeat(name)
+        await fleet.settle()
+
+
+async def test_a_noisy_neighbour_seen_by_the_host_moves_the_instance(
+    fleet: InProcessFleet,
+) -> None:
+    policy = HealthPolicy.model_validate({"detectors": {"hold_s": 1.0, "cpu_wait": 0.5}})
+    faults = {"sim.fleetvisor.io/faults": "cpu_wait=0.9@1"}
+    create(fleet, health=policy, labels=faults)
+    await fleet.settle()
+    await run(fleet, 6)
+    (issue,) = [e for e in events(fleet, "instance.issue") if e.data["host"] == "host-1"]
+    assert issue.data["issue"] == "noisy_neighbour" and issue.data["evidence"]
+    assert host_of(fleet) != "host-1"
+    assert row(fleet).status == "running"
+
+
+async def test_restarts_in_place_escalate_to_a_migration(fleet: InProcessFleet) -> None:
+    policy = HealthPolicy.model_validate({"max_restarts": 2, "restart_window_s": 60})
+    create(fleet, health=policy, labels={"sim.fleetvisor.io/faults": "exit@1"})
+    await fleet.settle()
+    await run(fleet, 12)
+    issues = [e.data for e in events(fleet, "instance.issue") if e.data["host"] == "host-1"]
+    assert [i["action"] for i in issues if i["issue"] == "exited"][:2] == ["restart", "restart"]
+    assert "restart_loop" in [i["issue"] for i in issues]
+    assert events(fleet, "instance.migrated") and host_of(fleet) != "host-1"

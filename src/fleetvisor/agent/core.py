@@ -7,10 +7,12 @@ in-process client. It never decides placement; it does, reports, and obeys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from fleetvisor.agent.health import HealthSupervisor
 from fleetvisor.agent.image_cache import HostImageCache
 from fleetvisor.agent.migration import HostMigrations, PackageSource
 from fleetvisor.agent.scaling import ScalingSupervisor
@@ -44,6 +46,8 @@ class Agent:
         # until a report tells the controller.
         self.scaling = ScalingSupervisor(self, state_dir, service_host)
         self.migrations = HostMigrations(self, state_dir)
+        # Execution monitoring of instances with a health policy (agent/health/).
+        self.health = HealthSupervisor(driver, self.clock, stop=self.stop, start=self.start)
 
     def lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
@@ -56,15 +60,18 @@ class Agent:
                 await self.images.prepare(spec.id, spec.image)
             report = await self.driver.create(spec)
             await self.scaling.created(spec)
+            self.watch(spec)
             if start:
                 report = await self._start(spec.id)
         if start:
+            self.health.expect_running(spec.id)
             self.scaling.started(spec.id)
         return self._annotated(report)
 
     async def start(self, instance_id: str) -> InstanceReport:
         async with self.lock(instance_id):
             report = await self._start(instance_id)
+        self.health.expect_running(instance_id)
         self.scaling.started(instance_id)
         return self._annotated(report)
 
@@ -76,6 +83,7 @@ class Agent:
         return report
 
     async def stop(self, instance_id: str) -> InstanceReport:
+        self.health.expect_stopped(instance_id)
         # Siblings fold back first: a stopped instance holds its whole size again.
         await self.scaling.quiesce(instance_id)
         async with self.lock(instance_id):
@@ -87,6 +95,7 @@ class Agent:
             # A sibling the controller removes folds back: its parent gets its share.
             await self.scaling.fold_child(instance_id, "removed by the controller")
             return
+        await self.health.unwatch(instance_id)
         await self.scaling.remove(instance_id)
         async with self.lock(instance_id):
             await self.driver.destroy(instance_id)
@@ -129,20 +138,26 @@ class Agent:
     async def migrate_forget(self, migration: str) -> None:
         await self.migrations.forget(migration)
 
-    # -- execution monitoring hooks -----------------------------------------------------
+    # -- execution monitoring (agent/health/) ------------------------------------------
 
-    def health_expect_stopped(self, instance_id: str) -> None:
-        """A stop was asked for: the monitor must not call it an exit."""
+    def watch(self, spec: InstanceSpec, running: bool = False) -> None:
+        """Monitor an instance that has a health policy (others keep the older behaviour:
+        nothing restarts them)."""
+        if spec.health is not None:
+            self.health.watch(spec, running=running)
 
-    def health_expect_running(self, instance_id: str) -> None:
-        """The instance runs again on purpose."""
-
-    def watch_started(self, spec: InstanceSpec) -> None:
-        """Monitor an instance that now runs here."""
+    async def watch_existing(self) -> None:
+        """After an agent restart: monitor again what runs here (specs from the driver)."""
+        spec_of = getattr(self.driver, "spec_of", None)
+        if spec_of is None:
+            return
+        for report in await self.driver.list():
+            with contextlib.suppress(UnknownInstance):
+                self.watch(await spec_of(report.id), running=report.state == "running")
 
     def take_detections(self) -> list[Detection]:
         """Issues detected since the last heartbeat (the heartbeat carries them)."""
-        return []
+        return self.health.drain()
 
     async def resize(self, instance_id: str, resources: Resources) -> InstanceReport:
         async with self.lock(instance_id):

@@ -84,7 +84,7 @@ class HostMigrations:
         live = live and was_running and Capability.CHECKPOINT in driver.capabilities()
         await asyncio.to_thread(_fresh_dir, staging)
         began = time.monotonic()
-        self.agent.health_expect_stopped(instance_id)
+        self.agent.health.expect_stopped(instance_id)
         info: dict[str, Any] = {}
         async with self.agent.lock(instance_id):
             if live:
@@ -153,7 +153,7 @@ class HostMigrations:
                     report = await driver.restore(spec, checkpoint, None)  # type: ignore[attr-defined]
                 else:
                     report = await driver.start(instance_id)
-            self.agent.health_expect_running(instance_id)
+            self.agent.health.expect_running(instance_id)
         await self.forget(migration)
         return report
 
@@ -188,8 +188,7 @@ class HostMigrations:
             else:
                 report = {r.id: r for r in await driver.list()}[spec.id]
         if report.state == "running":
-            self.agent.health_expect_running(spec.id)
-            self.agent.watch_started(spec)
+            self.agent.health.expect_running(spec.id)
         await self.forget(migration)
         return report
 

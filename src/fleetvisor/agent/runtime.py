@@ -68,6 +68,7 @@ class AgentRuntime:
         # A carve or fold is told to the controller at once, not at the next heartbeat.
         self._heartbeat_now = asyncio.Event()
         self.agent.scaling.on_notice = self._heartbeat_now.set
+        self.agent.health.on_detection = self._heartbeat_now.set
         self.state_dir = state_dir
         self.controller = FleetClient(controller_url, token)
         self.host_client: FleetClient | None = None
@@ -83,6 +84,7 @@ class AgentRuntime:
 
     async def run(self) -> None:
         await self.agent.scaling.restore()
+        await self.agent.watch_existing()
         app = create_agent_app(self.agent, self.agent_token)
         app.state.measured_boot = self.measured_boot
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -103,6 +105,7 @@ class AgentRuntime:
             server.should_exit = True
             await serving
             await self.agent.scaling.close()
+            await self.agent.health.close()
             if self.destroy_on_exit:
                 for report in await self.agent.list():
                     log.info("removing %s as this agent exits", report.name)
@@ -185,12 +188,14 @@ class AgentRuntime:
         assert self.host_client is not None
         # Notices first: a sibling they announce is then in the reports too.
         notices = self.agent.scaling.take_notices()
+        detections = self.agent.take_detections()
         reports = await self.agent.list()
         body = {
             "metrics": await self.agent.host_metrics(),
             "instances": [r.model_dump() for r in reports],
             "ready": self.ready,
             "scaling_events": [n.model_dump() for n in notices],
+            "detections": [d.model_dump() for d in detections],
         }
         if self.images is not None:
             body["cache"] = (await asyncio.to_thread(self.images.report)).model_dump()
@@ -198,6 +203,7 @@ class AgentRuntime:
             answer = await asyncio.to_thread(self.host_client.heartbeat, self.name, body)
         except BaseException:
             self.agent.scaling.give_back(notices)
+            self.agent.health.requeue(detections)
             raise
         self.heartbeat_interval = float(answer["heartbeat_interval"])
         await self._destroy(answer.get("destroy", []))

@@ -4,9 +4,9 @@ pull from a public registry.
 `build_busybox_image` makes a busybox rootfs (from Debian's busybox-static) plus optional
 extra layers; `build_rootfs_image` packs any directory (e.g. `debootstrap_minbase`'s tree)
 as one layer; `build_httpwork_image` adds `/bin/httpwork` (workloads/httpwork.c, compiled
-here once) to the busybox base. Layers are deterministic (sorted, fixed mtimes, gzip
-without timestamp), so building the same image twice gives the same digests and the host
-cache shares them.
+here once) to the busybox base, `build_memcounter_image` likewise `/bin/memcounter`.
+Layers are deterministic (sorted, fixed mtimes, gzip without timestamp), so building the
+same image twice gives the same digests and the host cache shares them.
 """
 
 from __future__ import annotations
@@ -505,16 +505,30 @@ def compile_httpwork(
 
     Raises WorkloadBuildError: with `missing_packages` when gcc or a static libc is missing.
     """
+    return compile_workload("httpwork", source, cache_dir, compiler=compiler, timeout=timeout)
+
+
+def compile_workload(
+    name: str,
+    source: Path,
+    cache_dir: Path | None = None,
+    *,
+    compiler: str = "gcc",
+    timeout: float = 300.0,
+) -> Path:
+    """Static binary `name` from C file `source`, compiled once per source content (sha256
+    of the source, flags and machine) into `cache_dir`; later calls, also from other
+    processes, reuse it. Raises WorkloadBuildError (see compile_httpwork)."""
     data = Path(source).read_bytes()
     key = hashlib.sha256(
         b"\0".join([data, " ".join(HTTPWORK_CFLAGS).encode(), platform.machine().encode()])
     ).hexdigest()
     cache = Path(cache_dir) if cache_dir is not None else default_workload_cache()
     cache.mkdir(parents=True, exist_ok=True)
-    binary = cache / f"httpwork-{key[:16]}"
+    binary = cache / f"{name}-{key[:16]}"
     if os.access(binary, os.X_OK):
         return binary
-    lock_fd = os.open(cache / "httpwork.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock_fd = os.open(cache / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one compiler per cache dir; others reuse it
         if os.access(binary, os.X_OK):
@@ -522,10 +536,10 @@ def compile_httpwork(
         if shutil.which(compiler) is None:
             raise WorkloadBuildError(
                 f"{compiler} is not installed: apt-get install gcc libc6-dev "
-                "(httpwork is compiled here as a static binary)",
+                f"({name} is compiled here as a static binary)",
                 _DEBIAN_BUILD_PACKAGES,
             )
-        tmp = cache / f".httpwork-{key[:16]}.{secrets.token_hex(4)}"
+        tmp = cache / f".{name}-{key[:16]}.{secrets.token_hex(4)}"
         argv = [compiler, *HTTPWORK_CFLAGS, "-o", str(tmp), str(source)]
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -534,7 +548,7 @@ def compile_httpwork(
                 tail = "\n".join(output.strip().splitlines()[-8:])
                 if _NO_LIBC.search(output):
                     raise WorkloadBuildError(
-                        "no static C library to link httpwork: apt-get install libc6-dev "
+                        f"no static C library to link {name}: apt-get install libc6-dev "
                         f"(and gcc)\n{tail}",
                         ("libc6-dev",),
                     )
@@ -593,6 +607,59 @@ def build_httpwork_image(
         cmd=(),
         env=(DEFAULT_PATH, f"PORT={port}", f"WORK_US={work_us}"),
         exposed_ports=(f"{port}/tcp",),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- memcounter
+
+MEMCOUNTER_SOURCE = Path(__file__).parent / "workloads" / "memcounter.c"
+
+
+def compile_memcounter(
+    cache_dir: Path | None = None, *, source: Path = MEMCOUNTER_SOURCE, compiler: str = "gcc"
+) -> Path:
+    """The static memcounter binary (workloads/memcounter.c), compiled once and cached
+    like httpwork's. Raises WorkloadBuildError."""
+    return compile_workload("memcounter", source, cache_dir, compiler=compiler)
+
+
+def build_memcounter_image(
+    out: Path,
+    tag: str = "latest",
+    *,
+    busybox: Path = Path("/bin/busybox"),
+    cache_dir: Path | None = None,
+    source: Path = MEMCOUNTER_SOURCE,
+    mem_mb: int = 100,
+    tick_ms: int = 100,
+) -> Path:
+    """Write the memcounter image into layout `out`: the busybox base layer (shared with
+    `build_busybox_image`) plus /bin/memcounter, run as Entrypoint with MEM_MB and TICK_MS
+    in Env. It holds MEM_MB of random data and counts in memory, writing /data/counter:
+    a checkpoint/restore keeps the count, a cold restart begins at 1 again."""
+    out = Path(out)
+    if not os.access(busybox, os.X_OK):
+        raise RootfsBuildError(f"{busybox} is missing; install Debian's busybox-static")
+    binary = compile_memcounter(cache_dir, source=source)
+    base = busybox_rootfs_entries(busybox)
+    dir_modes = {e.path.strip("/"): e.mode for e in base if e.kind == "dir"}
+    layers = [
+        write_layer(out, base, "busybox base"),
+        write_layer(
+            out,
+            [Entry.file("bin/memcounter", binary.read_bytes(), 0o755), Entry.dir("data")],
+            "memcounter (workloads/memcounter.c)",
+            dir_modes=dir_modes,
+        ),
+    ]
+    write_image(
+        out,
+        layers,
+        tag=tag,
+        entrypoint=("/bin/memcounter",),
+        cmd=(),
+        env=(DEFAULT_PATH, f"MEM_MB={mem_mb}", f"TICK_MS={tick_ms}"),
     )
     return out
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleetvisor.drivers.runc.schedstat import tasks_wait_ns
 from fleetvisor.errors import DriverError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MIB = 1024 * 1024
 UNLIMITED = -1
+NO_LIMIT_FROM = 1 << 62  # memory.limit_in_bytes reads as ~2^63 (page aligned) when unlimited
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class CgroupStats:
     memory_max_bytes: int
     oom_kills: int
     pids: int
+    cpu_periods: int = 0  # CFS periods that elapsed with the quota in force (nr_periods)
+    memory_limit_bytes: int = 0  # memory.limit_in_bytes; 0 when not limited
+    memory_inactive_file_bytes: int = 0  # page cache the kernel reclaims first
+    task_waits_ns: dict[int, int] = field(default_factory=dict)  # tid -> run-queue wait
 
 
 class MemoryBelowUsage(DriverError):
@@ -80,6 +86,10 @@ class Cgroup:
         if not self.exists():
             return None
         cpu_stat = self._read_keyed("cpu", "cpu.stat")
+        limit = self._read_int("memory", "memory.limit_in_bytes")
+        tasks = self.dir("cpu") / "tasks"
+        if not tasks.exists():
+            tasks = self.dir("cpuacct") / "tasks"
         return CgroupStats(
             cpu_usage_ns=self._read_int("cpuacct", "cpuacct.usage"),
             throttled_periods=cpu_stat.get("nr_throttled", 0),
@@ -88,6 +98,12 @@ class Cgroup:
             memory_max_bytes=self._read_int("memory", "memory.max_usage_in_bytes"),
             oom_kills=self._read_keyed("memory", "memory.oom_control").get("oom_kill", 0),
             pids=self._read_int("pids", "pids.current"),
+            cpu_periods=cpu_stat.get("nr_periods", 0),
+            memory_limit_bytes=limit if 0 < limit < NO_LIMIT_FROM else 0,
+            memory_inactive_file_bytes=self._read_keyed("memory", "memory.stat").get(
+                "total_inactive_file", 0
+            ),
+            task_waits_ns=tasks_wait_ns(tasks),
         )
 
     def write(self, controller: str, name: str, value: int | str) -> None:

@@ -9,6 +9,11 @@ Lifecycle (each call idempotent; see README.md for the diagram):
            dir, netns and address, so a later start resumes with the same data and IP.
   destroy  stop, `runc delete --force`, unmount, netns/veth/address, cgroups, files.
 
+Checkpoint / restore (CRIU >= 4.1, see criu.py): `checkpoint` dumps the running container
+into an images dir and leaves it like `stop` does (upper dir, netns, address kept);
+`export_state` tars the upper dir; `restore` brings it back from the images, here
+(rollback) or in another driver that first unpacks the upper tar (migration).
+
 State lives in `<state_dir>/runc-driver/`: one directory per instance (the bundle, the
 overlay dirs, instance.json, container.log) and runc's own root. A restarted agent
 rebuilds its reports from those files and `runc list`.
@@ -17,16 +22,19 @@ rebuilds its reports from those files and `runc list`.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fleetvisor.clock import Clock
 from fleetvisor.drivers.base import Capability, RootfsProvider, UnknownInstance
 from fleetvisor.drivers.runc import bundle, commands, overlay
+from fleetvisor.drivers.runc import criu as criu_tools
 from fleetvisor.drivers.runc.cgroups import Cgroup
 from fleetvisor.drivers.runc.layout import (
     INSTANCE_ID,
@@ -55,6 +63,9 @@ STATE_SUBDIR = "runc-driver"
 POLL_SECONDS = 0.05
 KILL_WAIT_SECONDS = 10.0
 LOG_TAIL_BYTES = 4000
+CHECKPOINT_TIMEOUT = 300.0  # at least: a dump or restore writes/reads all of the memory
+EXEC_OUTPUT_LIMIT = 64 * 1024
+EXEC_TIMED_OUT = 124  # exec's exit code when it outlived its timeout (as timeout(1))
 RUNNING = ("running", "paused")
 OPTIONS = {
     "agent_id": "1-6 lowercase letters/digits in every name this agent creates",
@@ -163,7 +174,10 @@ class RuncDriver:
         )
 
     def capabilities(self) -> set[Capability]:
-        return {Capability.RESIZE_LIVE, Capability.OCI_IMAGES}
+        found = {Capability.RESIZE_LIVE, Capability.OCI_IMAGES}
+        if checkpoint_missing() is None:
+            found.add(Capability.CHECKPOINT)
+        return found
 
     def log_path(self, instance_id: str) -> Path:
         """The file holding the instance's stdout and stderr (appended across starts)."""
@@ -288,6 +302,314 @@ class RuncDriver:
     async def close(self) -> None:
         """Nothing to release: containers, mounts and links outlive the agent on purpose."""
 
+    # -- checkpoint / restore / exec -----------------------------------------------------
+
+    async def checkpoint(
+        self, instance_id: str, images_dir: Path, *, leave_running: bool = False
+    ) -> dict[str, Any]:
+        """Dump the running instance's processes into `images_dir` (`runc checkpoint`
+        with CRIU; created if missing, must hold no earlier dump).
+
+        Afterwards the instance is stopped, as by `stop`: no process, no cgroups, but its
+        upper dir, overlay mount, netns and address are kept, so `restore` here (rollback)
+        or `export_state` + `restore` elsewhere (migration) can follow. With
+        `leave_running` it keeps running (a copy, e.g. for a backup).
+        Returns {"dump_s", "image_bytes", "images_dir"}."""
+        record = await self._require_async(instance_id)
+        tool = _require_criu()
+        state = await self._container_state(instance_id)
+        if not (state and state.get("status") == "running"):
+            status = state.get("status") if state else "not running"
+            raise DriverError(f"instance {instance_id} cannot be checkpointed: it is {status}")
+        images_dir = Path(images_dir)
+        await asyncio.to_thread(_empty_dir, images_dir, "checkpoint into")
+        work = self.layout.instance_dir(instance_id) / "criu-dump"
+        await asyncio.to_thread(_fresh_dir, work)
+        stdio = await asyncio.to_thread(criu_tools.external_stdio, int(state.get("pid") or 0))
+        await asyncio.to_thread(criu_tools.write_stdio_keys, images_dir, stdio)
+        config = self._criu_config(instance_id)
+        await asyncio.to_thread(criu_tools.write_config, config, criu_tools.dump_options(stdio))
+        argv = criu_tools.runc_checkpoint_argv(
+            runc=self.runc,
+            root=self.layout.runc_root,
+            criu=tool.path,
+            container=self.layout.container_id(instance_id),
+            images_dir=images_dir,
+            work_dir=work,
+            leave_running=leave_running,
+        )
+        began = time.monotonic()
+        try:
+            result = await _run_with_env(
+                argv, criu_tools.config_env(config), self._checkpoint_timeout()
+            )
+        finally:
+            await asyncio.to_thread(_unlink, config)
+        dump_s = time.monotonic() - began
+        if result.returncode != 0:
+            raise _criu_failure(argv, result, work / "dump.log")
+        if not leave_running:
+            # CRIU killed it: reap it if this process inherited it (as a subreaper)
+            criu_tools.reap_child(int(state.get("pid") or 0))
+            # runc removed the container (and its cgroups) after the dump; clear anything
+            # left, e.g. a container that was stopped instead of removed
+            if await self._container_state(instance_id) is not None:
+                await self._runc("delete", "--force", self.layout.container_id(instance_id))
+            self.sampler.forget(instance_id)
+            record.update(phase="stopped", started_at=None)
+            await self._save(instance_id, record)
+        return {
+            "dump_s": dump_s,
+            "image_bytes": await asyncio.to_thread(_tree_bytes, images_dir),
+            "images_dir": str(images_dir),
+        }
+
+    async def export_state(self, instance_id: str, dest: Path) -> None:
+        """Write the instance's writable layer (the overlay upper dir) to tar file `dest`,
+        with owners, modes, xattrs (`trusted.overlay.*`) and whiteouts (0/0 char devices)
+        as overlayfs made them: what `restore` on another driver needs besides the CRIU
+        images (layers come from that host's own RootfsProvider, the spec from the caller).
+        Take it while the instance is stopped (after `checkpoint`), else files may change
+        while they are read."""
+        await self._require_async(instance_id)
+        upper = self.layout.upper(instance_id)
+        await asyncio.to_thread(upper.mkdir, parents=True, exist_ok=True)
+        dest = Path(dest)
+        argv = ["tar", *_TAR_OPTIONS, "-C", str(upper), "-cf", str(dest), "."]
+        await commands.run(argv, timeout=self._checkpoint_timeout())
+
+    async def import_state(self, instance_id: str, upper_tar: Path) -> None:
+        """Replace the writable layer of the (not running) instance with tar `upper_tar`
+        from `export_state`: unmount, swap the upper dir, mount again. For a migration's
+        target after `create`, before `restore` (live) or `start` (cold)."""
+        record = await self._require_async(instance_id)
+        state = await self._container_state(instance_id)
+        if state and state.get("status") in RUNNING:
+            raise DriverError(f"instance {instance_id} is running: its files cannot be replaced")
+        if state:
+            await self._runc("delete", "--force", self.layout.container_id(instance_id))
+        await asyncio.to_thread(overlay.unmount, self.layout.rootfs(instance_id))
+        await self._unpack_upper(instance_id, Path(upper_tar))
+        await self._prepare(instance_id, record)
+        await self._save(instance_id, record)
+
+    async def spec_of(self, instance_id: str) -> InstanceSpec:
+        """The instance's spec as this driver has it (resources as last resized)."""
+        record = await self._require_async(instance_id)
+        return InstanceSpec(**record["spec"])
+
+    async def restore(
+        self, spec: InstanceSpec, images_dir: Path, upper_tar: Path | None = None
+    ) -> InstanceReport:
+        """Bring back a checkpointed instance from `images_dir` (`runc restore`): its
+        processes continue where `checkpoint` dumped them, memory included.
+
+        A new instance (migration) is created as by `create`, except that `upper_tar`
+        (from `export_state`) is unpacked into its upper dir before the overlay is
+        mounted. It gets this driver's network: an address of this agent's subnet, so
+        possibly not the one it had (open TCP connections are not kept).
+        An instance this driver already has (rollback after a dump here, or one made by
+        `create` for the migration) is restored in its own bundle; a given `upper_tar`
+        then replaces its upper dir first (as `import_state`). DriverError if it runs.
+        A failed restore of an instance it made removes that instance again."""
+        check_instance_id(spec.id)
+        tool = _require_criu()
+        instance_id = spec.id
+        images_dir = Path(images_dir)
+        if not (images_dir / "inventory.img").is_file():
+            raise InvalidInput(f"{images_dir} holds no CRIU checkpoint (no inventory.img)")
+        existing = await self._load(instance_id)
+        if existing and existing.get("ready"):
+            record = existing
+            state = await self._container_state(instance_id)
+            if state and state.get("status") in RUNNING:
+                raise DriverError(
+                    f"instance {instance_id} is running: stop it (or checkpoint it) first"
+                )
+            if state:
+                await self._runc("delete", "--force", self.layout.container_id(instance_id))
+            if upper_tar is not None:
+                await asyncio.to_thread(overlay.unmount, self.layout.rootfs(instance_id))
+                await self._unpack_upper(instance_id, Path(upper_tar))
+            if not await asyncio.to_thread(self._still_prepared, instance_id, record):
+                await self._prepare(instance_id, record)
+                await self._save(instance_id, record)
+            made_here = False
+        else:
+            record = await self._create_for_restore(spec, existing, upper_tar)
+            made_here = True
+        began = time.monotonic()
+        try:
+            await self._restore_container(instance_id, tool, images_dir)
+        except Exception:
+            if made_here:  # as a failed create: leave nothing behind
+                with contextlib.suppress(Exception):
+                    await self.destroy(instance_id)
+            raise
+        self.sampler.forget(instance_id)
+        record.update(phase="running", started_at=self.clock.now())
+        record["restored"] = {"from": str(images_dir), "restore_s": time.monotonic() - began}
+        await self._save(instance_id, record)
+        return await self._report(instance_id, record, await self._started_state(instance_id))
+
+    async def exec(
+        self, instance_id: str, argv: builtins.list[str], timeout: float
+    ) -> tuple[int, str]:
+        """Run `argv` in the running instance (`runc exec`: its namespaces, cgroups, user,
+        env and cwd). Returns its exit code and its stdout + stderr interleaved, at most
+        64 KiB (the rest is read and dropped). After `timeout` seconds it is sent SIGTERM,
+        then SIGKILL, and the result is exit code 124 with a note appended."""
+        await self._require_async(instance_id)
+        if not argv:
+            raise InvalidInput("exec needs a command")
+        state = await self._container_state(instance_id)
+        if not (state and state.get("status") == "running"):
+            raise DriverError(f"instance {instance_id} is not running: nothing to exec in")
+        command = [
+            self.runc,
+            "--root",
+            str(self.layout.runc_root),
+            "exec",
+            self.layout.container_id(instance_id),
+            *argv,
+        ]
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except OSError as exc:
+            raise DriverError(f"cannot run `{commands.describe(command)}`: {exc}") from exc
+        assert process.stdout is not None
+        kept = bytearray()
+
+        async def collect() -> None:
+            assert process.stdout is not None
+            while chunk := await process.stdout.read(65536):
+                if len(kept) < EXEC_OUTPUT_LIMIT:
+                    kept.extend(chunk[: EXEC_OUTPUT_LIMIT - len(kept)])
+            await process.wait()
+
+        try:
+            await asyncio.wait_for(collect(), timeout)
+        except TimeoutError:
+            # runc exec forwards SIGTERM to the process it runs; SIGKILL only ends runc
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 2.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+            text = kept.decode(errors="replace")
+            return EXEC_TIMED_OUT, f"{text}\n[exec timed out after {timeout:g} s]"
+        except asyncio.CancelledError:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+            raise
+        return process.returncode or 0, kept.decode(errors="replace")
+
+    async def _create_for_restore(
+        self, spec: InstanceSpec, existing: dict[str, Any] | None, upper_tar: Path | None
+    ) -> dict[str, Any]:
+        """`create`, with the upper dir filled from `upper_tar` before the overlay mounts."""
+        instance_id = spec.id
+        try:
+            record = existing or {
+                "spec": spec.model_dump(mode="json"),
+                "phase": "created",
+                "ready": False,
+                "created_at": self.clock.now(),
+                "started_at": None,
+            }
+            record["layers"] = [str(p) for p in await self.rootfs.layers(spec.image)]
+            record["image_config"] = dict(await self.rootfs.config(spec.image))
+            await self._save(instance_id, record)
+            await asyncio.to_thread(overlay.unmount, self.layout.rootfs(instance_id))
+            if upper_tar is not None:
+                await self._unpack_upper(instance_id, Path(upper_tar))
+            await self._prepare(instance_id, record)
+            record.update(ready=True, phase="stopped")
+            await self._save(instance_id, record)
+        except Exception:
+            with contextlib.suppress(Exception):
+                await self.destroy(instance_id)
+            raise
+        return record
+
+    async def _unpack_upper(self, instance_id: str, upper_tar: Path) -> None:
+        """Replace the (unmounted) upper and work dirs with the contents of `upper_tar`."""
+        upper = self.layout.upper(instance_id)
+        work = self.layout.work(instance_id)
+        if overlay.is_mounted(self.layout.rootfs(instance_id)):
+            raise DriverError(f"{self.layout.rootfs(instance_id)} is mounted: not touching upper/")
+        for directory in (upper, work):
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            await asyncio.to_thread(directory.mkdir, parents=True)
+        argv = ["tar", *_TAR_OPTIONS, "-C", str(upper), "-xpf", str(upper_tar)]
+        await commands.run(argv, timeout=self._checkpoint_timeout())
+
+    async def _restore_container(
+        self, instance_id: str, tool: criu_tools.CriuInfo, images_dir: Path
+    ) -> None:
+        """`runc restore --detach`, stdio like `runc run`: /dev/null in, the log out."""
+        layout = self.layout
+        work = layout.instance_dir(instance_id) / "criu-restore"
+        await asyncio.to_thread(_fresh_dir, work)
+        stdio = await asyncio.to_thread(criu_tools.read_stdio_keys, images_dir)
+        config = self._criu_config(instance_id)
+        await asyncio.to_thread(criu_tools.write_config, config, criu_tools.restore_options(stdio))
+        argv = criu_tools.runc_restore_argv(
+            runc=self.runc,
+            root=layout.runc_root,
+            criu=tool.path,
+            container=layout.container_id(instance_id),
+            images_dir=images_dir,
+            work_dir=work,
+            bundle=layout.instance_dir(instance_id),
+            pid_file=layout.pid_file(instance_id),
+        )
+        log = os.open(layout.log(instance_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            offset = os.fstat(log).st_size
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=criu_tools.config_env(config),
+            )
+        finally:
+            os.close(log)
+        try:
+            code = await asyncio.wait_for(process.wait(), self._checkpoint_timeout())
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            code = None
+        finally:
+            await asyncio.to_thread(_unlink, config)
+        if code == 0:
+            return
+        tail = await asyncio.to_thread(_read_from, layout.log(instance_id), offset)
+        with contextlib.suppress(DriverError):
+            await self._runc("delete", "--force", layout.container_id(instance_id))
+        what = "did not finish in time" if code is None else f"failed with exit code {code}"
+        restore_log = await asyncio.to_thread(_tail, work / "restore.log")
+        raise DriverError(
+            f"runc could not restore instance {instance_id}: `{commands.describe(argv)}` "
+            f"{what}: {tail.strip() or '(no output)'}"
+            + (f"\nCRIU restore.log ends:\n{restore_log}" if restore_log else "")
+        )
+
+    def _checkpoint_timeout(self) -> float:
+        return max(self.command_timeout, CHECKPOINT_TIMEOUT)
+
     # -- steps ---------------------------------------------------------------------------
 
     async def _prepare(self, instance_id: str, record: dict[str, Any]) -> None:
@@ -355,6 +677,9 @@ class RuncDriver:
         )
         _write_json(layout.config(instance_id), config)
 
+    def _criu_config(self, instance_id: str) -> Path:
+        return self.layout.instance_dir(instance_id) / "criu.conf"
+
     async def _run_container(self, instance_id: str) -> None:
         """`runc run --detach`, stdio: /dev/null in, the instance's log file out."""
         layout = self.layout
@@ -418,7 +743,7 @@ class RuncDriver:
 
     async def _wait_exit(self, pid: int, seconds: float) -> bool:
         deadline = self.clock.monotonic() + seconds
-        while _alive(pid):
+        while _alive(pid) or criu_tools.reap_child(pid):
             if self.clock.monotonic() >= deadline:
                 return False
             await self.clock.sleep(POLL_SECONDS)
@@ -530,6 +855,93 @@ class RuncDriver:
         if overlay.is_mounted(self.layout.rootfs(instance_id)):
             raise DriverError(f"{self.layout.rootfs(instance_id)} is still mounted; not removing")
         shutil.rmtree(directory)
+
+
+# GNU tar: numeric owners, every xattr namespace (overlayfs keeps trusted.overlay.* on
+# upper dirs), sparse files; whiteouts are 0/0 character devices and go in as such.
+_TAR_OPTIONS = ("--xattrs", "--xattrs-include=*", "--numeric-owner", "--sparse")
+
+
+def checkpoint_missing() -> str | None:
+    """Why this host cannot checkpoint runc containers (None: it can): a CRIU >= 4.1
+    and iptables (runc calls it around a checkpoint of a container with a netns)."""
+    reason = criu_tools.criu_missing_reason()
+    if reason:
+        return reason
+    if shutil.which("iptables") is None and not os.access("/usr/sbin/iptables", os.X_OK):
+        return "iptables is missing (runc checkpoint/restore needs it): apt-get install iptables"
+    return None
+
+
+def _require_criu() -> criu_tools.CriuInfo:
+    reason = checkpoint_missing()
+    tool = criu_tools.find_criu()
+    if reason or tool is None:
+        raise DriverError(f"checkpoint/restore is not available on this host: {reason}")
+    return tool
+
+
+def _criu_failure(argv: list[str], result: commands.CommandResult, log: Path) -> DriverError:
+    detail = (result.stderr or result.stdout).strip() or "(no output)"
+    text = f"`{commands.describe(argv)}` failed with exit code {result.returncode}: {detail}"
+    tail = _tail(log)
+    return DriverError(text + (f"\nCRIU {log.name} ends:\n{tail}" if tail else ""))
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _empty_dir(path: Path, what: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if any(path.iterdir()):
+        raise InvalidInput(f"cannot {what} {path}: it is not empty")
+
+
+async def _run_with_env(
+    argv: builtins.list[str], env: dict[str, str], timeout: float
+) -> commands.CommandResult:
+    """`commands.run` (no check) with environment `env`."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+    except OSError as exc:
+        raise DriverError(f"cannot run `{commands.describe(argv)}`: {exc}") from exc
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise DriverError(
+            f"`{commands.describe(argv)}` did not finish within {timeout:g} s and was killed"
+        ) from None
+    return commands.CommandResult(
+        process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+    )
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def parse_capacity_limit(text: str) -> dict[str, int]:

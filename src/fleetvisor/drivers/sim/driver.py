@@ -6,6 +6,11 @@ runtime's containers survive an agent restart; a restarted agent re-reports them
 Fault injection (as Nova's fake drivers do), through instance labels:
   sim.fleetvisor.io/create-seconds: "5"   create takes this long (clock time)
   sim.fleetvisor.io/fail: "create"|"start" that call fails
+  sim.fleetvisor.io/faults: "throttled=0.8@5;oom@8;cpu_wait=0.9@3;exit@12;probe=fail@2"
+        what goes wrong, by seconds since the instance's latest start (see
+        workload.FaultSchedule and drivers/README.md): the counters execution monitoring
+        reads (throttled share, run-queue wait, memory in use, OOM kills), an exit of
+        the main process, and what `exec` (an exec probe) answers
 
 A service's load, for local scaling (the group is an instance and the siblings carved
 from it, which carry `fleetvisor.io/parent`):
@@ -16,15 +21,17 @@ from it, which carry `fleetvisor.io/parent`):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fleetvisor.clock import Clock
 from fleetvisor.drivers.base import Capability, UnknownInstance
-from fleetvisor.drivers.sim.workload import WorkloadModel
+from fleetvisor.drivers.sim.workload import FaultSchedule, WorkloadModel
 from fleetvisor.errors import DriverError
 from fleetvisor.model.resources import Resources
 from fleetvisor.model.resources import parse_capacity as parse_capacity_overrides
@@ -39,6 +46,9 @@ from fleetvisor.model.specs import (
 
 LABEL_PREFIX = "sim.fleetvisor.io/"
 DEFAULT_CAPACITY = Resources(vcpus=16_000, memory=65_536, disk=500, net=10_000)
+CFS_PERIOD_S = 0.1  # the period simulated CPU quotas are enforced over, as runc's
+COUNTERS = ("cpu_periods", "throttled_periods", "throttled_seconds", "cpu_wait_seconds",
+            "oom_kills", "pids", "memory_limit_mib")  # fmt: skip
 
 
 def parse_capacity(text: str) -> Resources:
@@ -90,6 +100,10 @@ class SimDriver:
         if spec.id in self._instances:
             return self._report(spec.id)
         knobs = spec_labels(spec, LABEL_PREFIX)
+        try:
+            faults_of(str(knobs.get("faults", "")))
+        except ValueError as exc:
+            raise DriverError(str(exc)) from None
         if knobs.get("fail") == "create":
             raise DriverError(f"simulated create failure for {spec.name}")
         delay = float(knobs.get("create-seconds", 0) or 0)
@@ -139,10 +153,29 @@ class SimDriver:
         return self._report(instance_id)
 
     async def stats(self, instance_id: str) -> dict[str, float]:
+        self._get(instance_id)
+        self._settle(instance_id)
         return self._usage(instance_id)
 
     async def list(self) -> list[InstanceReport]:
+        for instance_id in list(self._instances):
+            self._settle(instance_id)
         return [self._report(i) for i in sorted(self._instances)]
+
+    async def exec(self, instance_id: str, argv: Sequence[str], timeout: float) -> tuple[int, str]:
+        """Run a command in the instance (an exec probe): (exit code, output). Nothing runs;
+        the `probe` fault decides the answer (ok: 0, fail: 1, timeout: no answer)."""
+        record = self._get(instance_id)
+        self._settle(instance_id)
+        if record["state"] != "running":
+            raise DriverError(f"instance {instance_id} is not running; nothing to exec in")
+        answer = self._faults(record).level("probe", self._age(record), "ok")
+        if answer == "timeout":
+            await self.clock.sleep(timeout)
+            raise DriverError(f"{' '.join(argv)!r} did not finish within {timeout:g} s")
+        if answer == "fail":
+            return 1, f"{argv[0] if argv else 'command'}: simulated failure"
+        return 0, ""
 
     def log_path(self, instance_id: str) -> Path | None:
         return self._logs / f"{instance_id}.log" if self._logs is not None else None
@@ -159,21 +192,63 @@ class SimDriver:
     async def close(self) -> None:
         self._save()
 
+    def _settle(self, instance_id: str) -> None:
+        """An `exit` fault whose time came: the main process ended, the instance stopped."""
+        record = self._instances[instance_id]
+        if record["state"] != "running":
+            return
+        exit_at = self._faults(record).first("exit")
+        if exit_at is not None and self._age(record) >= exit_at:
+            record.update(state="stopped", started_at=None)
+            self._save()
+            self._log(instance_id, f"exited {exit_at:g} s after its start (simulated fault)")
+
+    def _age(self, record: dict) -> float:
+        """Seconds since the instance's latest start."""
+        return self.clock.now() - (record["started_at"] or self.clock.now())
+
+    @staticmethod
+    def _faults(record: dict) -> FaultSchedule:
+        return faults_of(str(record["spec"]["labels"].get(LABEL_PREFIX + "faults", "")))
+
     def _usage(self, instance_id: str) -> dict[str, float]:
         record = self._get(instance_id)
         if record["state"] != "running":
-            return {"cpu_millicores": 0.0, "memory_mib": 0.0, "net_mbps": 0.0}
+            return {"cpu_millicores": 0.0, "memory_mib": 0.0, "net_mbps": 0.0} | dict.fromkeys(
+                COUNTERS, 0.0
+            )
         now = self.clock.now()
         knobs = spec_labels(InstanceSpec(**record["spec"]), LABEL_PREFIX)
-        if "demand" in knobs:
-            return self._service_usage(instance_id, record, knobs, now)
-        fractions = self.workload.usage(instance_id, now, now - (record["started_at"] or now))
         alloc = record["spec"]["resources"]
-        return {
-            "cpu_millicores": fractions["cpu"] * alloc["vcpus"],
-            "memory_mib": fractions["memory"] * alloc["memory"],
-            "net_mbps": fractions["net"] * alloc["net"],
+        if "demand" in knobs:
+            usage = self._service_usage(instance_id, record, knobs, now)
+        else:
+            fractions = self.workload.usage(instance_id, now, self._age(record))
+            usage = {
+                "cpu_millicores": fractions["cpu"] * alloc["vcpus"],
+                "memory_mib": fractions["memory"] * alloc["memory"],
+                "net_mbps": fractions["net"] * alloc["net"],
+            }
+        return usage | self._counters(record, alloc)
+
+    def _counters(self, record: dict, alloc: dict) -> dict[str, float]:
+        """The cumulative counters a real driver reads from cgroups, from the fault schedule."""
+        faults = self._faults(record)
+        age = self._age(record)
+        throttled = faults.integral("throttled", age)  # seconds held back by the quota
+        counters = {
+            "cpu_periods": age / CFS_PERIOD_S,
+            "throttled_periods": throttled / CFS_PERIOD_S,
+            "throttled_seconds": throttled,
+            "cpu_wait_seconds": faults.integral("cpu_wait", age),
+            "oom_kills": faults.count("oom", age),
+            "pids": 1.0,
+            "memory_limit_mib": float(alloc["memory"]),
         }
+        memory = faults.level("memory", age, -1.0)
+        if isinstance(memory, float) and memory >= 0:
+            counters["memory_mib"] = memory * alloc["memory"]
+        return counters
 
     def _service_usage(
         self, instance_id: str, record: dict, knobs: dict, now: float
@@ -204,6 +279,7 @@ class SimDriver:
             raise UnknownInstance(instance_id) from None
 
     def _report(self, instance_id: str) -> InstanceReport:
+        self._settle(instance_id)
         record = self._instances[instance_id]
         spec = record["spec"]
         return InstanceReport(
@@ -222,6 +298,12 @@ class SimDriver:
         tmp = self._path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._instances))
         os.replace(tmp, self._path)
+
+
+@functools.lru_cache(maxsize=1024)
+def faults_of(text: str) -> FaultSchedule:
+    """The parsed `faults` label (ValueError naming the syntax when it cannot be read)."""
+    return FaultSchedule(text)
 
 
 def demand_at(schedule: str, seconds: float) -> float:

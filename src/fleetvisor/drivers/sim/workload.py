@@ -61,3 +61,90 @@ class WorkloadModel:
 
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+# -- injected faults ----------------------------------------------------------------------
+
+LEVEL_FAULTS = {"throttled", "cpu_wait", "memory", "probe"}  # hold from their time on
+EVENT_FAULTS = {"oom", "exit"}  # happen once, at their time
+PROBE_ANSWERS = ("ok", "fail", "timeout")
+FAULTS_HELP = (
+    "use name[=value][@seconds];... with names throttled=<share 0-1>, "
+    "cpu_wait=<cpu-seconds per second>, memory=<fraction of the allocation>, oom[=<kills>], "
+    "exit, probe=ok|fail|timeout; e.g. throttled=0.8@5;oom@8;exit@12"
+)
+
+
+class FaultSchedule:
+    """What goes wrong in a simulated instance, by seconds since its latest start.
+
+    A level fault (throttled, cpu_wait, memory, probe) holds from its time until the next
+    entry of the same name; an event fault (oom, exit) happens once, at its time.
+    Everything is a pure function of the time since the start, like the workload model.
+    """
+
+    def __init__(self, text: str = "") -> None:
+        self.levels: dict[str, list[tuple[float, float | str]]] = {}
+        self.events: dict[str, list[tuple[float, float]]] = {}
+        for entry in filter(None, (part.strip() for part in text.split(";"))):
+            self._add(text, entry)
+        for steps in self.levels.values():
+            steps.sort(key=lambda step: step[0])
+        for happenings in self.events.values():
+            happenings.sort()
+
+    def _add(self, text: str, entry: str) -> None:
+        head, _, when = entry.partition("@")
+        name, has_value, value = head.strip().partition("=")
+        name, value = name.strip(), value.strip()
+        try:
+            at = float(when) if when.strip() else 0.0
+            if not at >= 0 or at == float("inf"):
+                raise ValueError
+            if name == "probe":
+                if value not in PROBE_ANSWERS:
+                    raise ValueError
+                self.levels.setdefault(name, []).append((at, value))
+            elif name in LEVEL_FAULTS:
+                amount = float(value)
+                if not 0 <= amount < float("inf"):
+                    raise ValueError
+                self.levels.setdefault(name, []).append((at, amount))
+            elif name in EVENT_FAULTS:
+                if name == "exit" and has_value:
+                    raise ValueError
+                count = float(value) if has_value else 1.0
+                if not 0 < count < float("inf"):
+                    raise ValueError
+                self.events.setdefault(name, []).append((at, count))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"sim faults {text!r}: cannot read {entry!r}: {FAULTS_HELP}") from None
+
+    def level(self, name: str, t: float, default: float | str) -> float | str:
+        """The level in force `t` seconds after the start (default before its first entry)."""
+        value = default
+        for at, step in self.levels.get(name, []):
+            if t >= at:
+                value = step
+        return value
+
+    def integral(self, name: str, t: float) -> float:
+        """∫ level dt from the start to `t` (a numeric level; 0 before its first entry)."""
+        total = 0.0
+        steps = self.levels.get(name, [])
+        for i, (at, amount) in enumerate(steps):
+            if at >= t:
+                break
+            end = min(t, steps[i + 1][0]) if i + 1 < len(steps) else t
+            total += float(amount) * max(0.0, end - at)
+        return total
+
+    def count(self, name: str, t: float) -> float:
+        """Events of this name that happened by `t` (with their counts)."""
+        return sum(count for at, count in self.events.get(name, []) if at <= t)
+
+    def first(self, name: str) -> float | None:
+        happenings = self.events.get(name)
+        return happenings[0][0] if happenings else None
