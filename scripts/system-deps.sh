@@ -36,3 +36,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # Parts that need more than a package: each script is idempotent and caches its work.
 "$here/deps/criu.sh"   # CRIU >= 4.1 (live migration): Debian 12's 3.17 fails on new kernels
+"$here/deps/qemu.sh"   # QEMU + a cached Debian cloud kernel for VM images (drivers/qemu)

@@ -80,9 +80,15 @@ class HostMigrations:
             raise Conflict("a sibling carved by local scaling does not migrate on its own")
         # Siblings fold back first: the instance leaves whole, its policy travels in its spec.
         await self.agent.scaling.quiesce(instance_id, "the instance migrates")
+        can_dump = live and Capability.CHECKPOINT in driver.capabilities()
         was_running = reports[instance_id].state == "running"
-        live = live and was_running and Capability.CHECKPOINT in driver.capabilities()
-        await asyncio.to_thread(_fresh_dir, staging)
+        # A dump an earlier call made before this agent died stands (the driver checks
+        # that CRIU finished it): the process is gone, but it was running.
+        resumed = can_dump and not was_running and (staging / "checkpoint").is_dir()
+        was_running = was_running or resumed
+        live = can_dump and was_running
+        if not resumed:
+            await asyncio.to_thread(_fresh_dir, staging)
         began = time.monotonic()
         self.agent.health.expect_stopped(instance_id)
         info: dict[str, Any] = {}

@@ -181,6 +181,36 @@ def boot(
     emit_json(result)
 
 
+@bench_app.command("vm")
+def vm(
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Interleaved rounds.")] = 5,
+    memory: Annotated[str, typer.Option(help="Guest memory, e.g. 256M.")] = "256M",
+    accel: Annotated[str, typer.Option(help="auto (boot test), kvm or tcg.")] = "auto",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Only the JSON document (no progress spinner).")
+    ] = False,
+) -> None:
+    """The QEMU driver against raw QEMU (same command line, QMP by hand): boot to ready,
+    snapshot, restore and live-migration downtime, their ratios (target <= 1.2) and
+    whether the guest carried on. Needs root, QEMU and scripts/deps/qemu.sh's kernel."""
+    import asyncio
+
+    from fleetvisor.bench.vm import VmBenchConfig, run_vm_bench
+    from fleetvisor.errors import DriverError, FleetvisorError
+    from fleetvisor.images.build import RootfsBuildError
+
+    config = VmBenchConfig(rounds=rounds, memory_mib=parse_size_mib(memory), accel=accel)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with contextlib.nullcontext() if as_json else stderr.status("booting VMs…"):
+            result = asyncio.run(run_vm_bench(config))
+    except (FleetvisorError, DriverError, RootfsBuildError) as exc:
+        fail(str(exc))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    emit_json(result)
+
+
 @bench_app.command("local-scaling")
 def local_scaling(
     work_us: Annotated[

@@ -57,7 +57,8 @@ def image_build(
             help="busybox (from Debian's busybox-static, with an "
             "httpd layer), minbase (Debian minbase, debootstrap) or httpwork (busybox + "
             "/bin/httpwork, a one-worker HTTP server burning WORK_US of CPU per request; "
-            "compiled here with gcc, static)."
+            "compiled here with gcc, static) or memcounter (busybox + /bin/memcounter, "
+            "holding MEM_MB of memory and counting into /data/counter every TICK_MS)."
         ),
     ],
     name: Annotated[str | None, typer.Option(help="NAME[:TAG] [default: KIND:latest].")] = None,
@@ -79,11 +80,35 @@ def image_build(
             elif kind == "httpwork":
                 with console.status("compiling httpwork (once; cached after)…"):
                     build.build_httpwork_image(out)
+            elif kind == "memcounter":
+                with console.status("compiling memcounter (once; cached after)…"):
+                    build.build_memcounter_image(out)
             else:
-                raise typer.BadParameter(f"{kind!r}: build busybox, minbase or httpwork")
+                raise typer.BadParameter(
+                    f"{kind!r}: build busybox, minbase, httpwork or memcounter"
+                )
         except (build.RootfsBuildError, build.WorkloadBuildError) as exc:
             fail(str(exc))
         _import_and_push(out, name or f"{kind}:latest", as_json)
+
+
+@image_app.command("build-vm")
+def image_build_vm(
+    name: Annotated[str, typer.Argument(help="NAME[:TAG] to store the VM image under.")],
+    disk_mib: Annotated[int, typer.Option(help="Size of the VM's data disk (qcow2).")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a small bootable VM image (Debian cloud kernel, busybox initramfs, qcow2
+    disk) as an OCI artifact and push it: run scripts/deps/qemu.sh once first."""
+    from fleetvisor.images import build, vm_image
+
+    with tempfile.TemporaryDirectory(prefix="fv-build-vm-") as scratch:
+        out = Path(scratch) / "layout"
+        try:
+            vm_image.build_vm_image(out, disk_mib=disk_mib)
+        except build.RootfsBuildError as exc:
+            fail(str(exc))
+        _import_and_push(out, name, as_json)
 
 
 def _import_and_push(source: Path, name: str, as_json: bool) -> None:

@@ -270,10 +270,10 @@ def placement_request(
     issue = params.get("issue", "")
     if source is not None and issue in CPU_ISSUES:
         limit = _cpu_use(source)
-        excluded |= {h.id for h in fleet.hosts if _cpu_use(h) >= limit}
+        excluded |= {h.id for h in fleet.hosts if _cpu_use(h) > limit}
     elif source is not None and issue in MEMORY_ISSUES:
         limit = _memory_use(source)
-        excluded |= {h.id for h in fleet.hosts if _memory_use(h) >= limit}
+        excluded |= {h.id for h in fleet.hosts if _memory_use(h) > limit}
     group = None
     if row.placement_group_id:
         group = session.get(PlacementGroupRow, row.placement_group_id)

@@ -74,7 +74,7 @@ class UnknownInstance(KeyError):
     """The driver has no instance with this id."""
 
 
-DRIVERS = ("sim", "runc")
+DRIVERS = ("sim", "runc", "qemu")
 
 
 def load_driver(
@@ -98,5 +98,12 @@ def load_driver(
             raise InvalidInput("the runc driver needs the host's image cache")
         return RuncDriver.from_options(
             clock=clock, state_dir=state_dir, options=options, rootfs=rootfs
+        )
+    if kind == "qemu":
+        from fleetvisor.drivers.qemu import QemuDriver
+
+        # VM images come through the same host image cache (as OCI artifacts)
+        return QemuDriver.from_options(
+            clock=clock, state_dir=state_dir, options=options, images=rootfs
         )
     raise InvalidInput(f"unknown driver {kind!r}; available drivers: {', '.join(DRIVERS)}")

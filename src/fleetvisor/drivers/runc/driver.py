@@ -318,12 +318,24 @@ class RuncDriver:
         record = await self._require_async(instance_id)
         tool = _require_criu()
         state = await self._container_state(instance_id)
-        if not (state and state.get("status") == "running"):
+        images_dir = Path(images_dir)
+        work = self.layout.instance_dir(instance_id) / "criu-dump"
+        running = bool(state and state.get("status") == "running")
+        if not running and not leave_running and _dump_finished(work, images_dir):
+            # Dumped by an earlier call whose caller died before it heard (an agent
+            # restart mid-migration): the dump stands, the process is gone.
+            record.update(phase="stopped", started_at=None)
+            await self._save(instance_id, record)
+            return {
+                "dump_s": 0.0,
+                "image_bytes": await asyncio.to_thread(_tree_bytes, images_dir),
+                "images_dir": str(images_dir),
+                "resumed": True,
+            }
+        if state is None or not running:
             status = state.get("status") if state else "not running"
             raise DriverError(f"instance {instance_id} cannot be checkpointed: it is {status}")
-        images_dir = Path(images_dir)
         await asyncio.to_thread(_empty_dir, images_dir, "checkpoint into")
-        work = self.layout.instance_dir(instance_id) / "criu-dump"
         await asyncio.to_thread(_fresh_dir, work)
         stdio = await asyncio.to_thread(criu_tools.external_stdio, int(state.get("pid") or 0))
         await asyncio.to_thread(criu_tools.write_stdio_keys, images_dir, stdio)
@@ -1027,3 +1039,12 @@ def _cpuinfo() -> tuple[str, list[str]]:
         elif key == "flags" and not flags:
             flags = value.split()
     return model, flags
+
+
+def _dump_finished(work: Path, images_dir: Path) -> bool:
+    """CRIU ended the dump in `work` successfully, and its images are in `images_dir`."""
+    try:
+        log = (work / "dump.log").read_text(errors="replace")
+    except OSError:
+        return False
+    return "Dumping finished successfully" in log and (images_dir / "inventory.img").exists()
