@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-import os
 import re
 import secrets
 import shutil
@@ -28,33 +27,18 @@ from fleetvisor.clock import RealClock
 from fleetvisor.drivers.base import UnknownInstance, load_driver
 from fleetvisor.drivers.qemu import QemuDriver, process
 from fleetvisor.drivers.qemu.driver import StoreImages
+from fleetvisor.drivers.qemu.prereqs import qemu_missing
 from fleetvisor.drivers.runc.network import link_exists
 from fleetvisor.images.archive import import_image
-from fleetvisor.images.build import RootfsBuildError
 from fleetvisor.images.store import ImageStore
-from fleetvisor.images.vm_image import KERNEL_CACHE, build_vm_image, kernel_cache
+from fleetvisor.images.vm_image import KERNEL_CACHE, build_vm_image
 from fleetvisor.model.resources import Resources
 from fleetvisor.model.specs import InstanceSpec, ResourceVector
 
 COUNTER = re.compile(r"^fv-counter (\d+) cpus=(\d+)$", re.M)
 
 
-def _missing_part() -> str | None:
-    if os.geteuid() != 0:
-        return "QEMU driver tests need root (taps, bridges)"
-    for tool in ("qemu-system-x86_64", "qemu-img"):
-        if shutil.which(tool) is None:
-            return f"{tool} is missing: run scripts/deps/qemu.sh"
-    try:
-        kernel_cache()
-    except RootfsBuildError as exc:
-        return str(exc)
-    if shutil.which("busybox") is None:
-        return "busybox is missing: apt-get install busybox-static"
-    return None
-
-
-MISSING = _missing_part()
+MISSING = qemu_missing()
 if MISSING:
     print(f"\nskipping QEMU driver tests: {MISSING}")
 pytestmark = [

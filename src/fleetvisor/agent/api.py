@@ -26,6 +26,12 @@ bearer = HTTPBearer(auto_error=False)
 class MigrateOut(BaseModel):
     migration: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")]
     live: bool = True
+    uri: Annotated[str, StringConstraints(pattern=r"^tcp:[0-9a-zA-Z.:\[\]-]{1,200}$")] | None = None
+
+
+class MigratePrepare(BaseModel):
+    spec: InstanceSpec
+    machine: dict[str, Any] | None = None
 
 
 class MigrateAbort(BaseModel):
@@ -127,11 +133,19 @@ def create_agent_app(agent: Agent, token: str) -> FastAPI:
 
     @app.post("/v1/instances/{instance_id}/migrate-out", dependencies=[Depends(authorized)])
     async def migrate_out(instance_id: str, body: MigrateOut) -> dict[str, Any]:
-        return await agent.migrate_out(instance_id, body.migration, body.live)
+        return await agent.migrate_out(instance_id, body.migration, body.live, body.uri)
 
     @app.post("/v1/instances/{instance_id}/migrate-abort", dependencies=[Depends(authorized)])
     async def migrate_abort(instance_id: str, body: MigrateAbort) -> InstanceReport:
         return await agent.migrate_abort(instance_id, body.migration)
+
+    @app.post("/v1/migrations/{migration}/prepare", dependencies=[Depends(authorized)])
+    async def migrate_prepare(migration: str, body: MigratePrepare) -> dict[str, Any]:
+        return await agent.migrate_prepare(body.spec, migration, body.machine)
+
+    @app.get("/v1/instances/{instance_id}/machine", dependencies=[Depends(authorized)])
+    async def migration_machine(instance_id: str) -> dict[str, Any]:
+        return {"machine": await agent.migration_machine(instance_id)}
 
     @app.post("/v1/migrations/{migration}/receive", dependencies=[Depends(authorized)])
     async def migrate_in(migration: str, body: MigrateIn) -> InstanceReport:

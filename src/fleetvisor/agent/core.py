@@ -46,6 +46,9 @@ class Agent:
         # until a report tells the controller.
         self.scaling = ScalingSupervisor(self, state_dir, service_host)
         self.migrations = HostMigrations(self, state_dir)
+        if getattr(driver, "migration_address", None) == "127.0.0.1":
+            # Incoming live migrations listen where other hosts reach this agent.
+            driver.migration_address = service_host  # type: ignore[attr-defined]
         # Execution monitoring of instances with a health policy (agent/health/).
         self.health = HealthSupervisor(driver, self.clock, stop=self.stop, start=self.start)
 
@@ -106,9 +109,25 @@ class Agent:
 
     # -- migration (agent/migration.py) ------------------------------------------------
 
-    async def migrate_out(self, instance_id: str, migration: str, live: bool) -> dict[str, Any]:
-        """Source side: stop the instance into a package (a checkpoint when `live`)."""
-        return await self.migrations.send(instance_id, migration, live)
+    async def migrate_out(
+        self, instance_id: str, migration: str, live: bool, uri: str | None = None
+    ) -> dict[str, Any]:
+        """Source side: stop the instance into a package (a checkpoint when `live`), or
+        stream it to a target listening at `uri`."""
+        return await self.migrations.send(instance_id, migration, live, uri)
+
+    async def migration_machine(self, instance_id: str) -> dict[str, Any] | None:
+        """What a target must start to receive this instance live (None: not needed)."""
+        describe = getattr(self.driver, "describe", None)
+        return dict(describe(instance_id)) if describe is not None else None
+
+    async def migrate_prepare(
+        self, spec: InstanceSpec, migration: str = "", machine: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Target side, before the source stops: create the instance here, not running;
+        with `machine`, listen for its state. Answers {"report", "uri"}."""
+        report, uri = await self.migrations.prepare(spec, machine)
+        return {"report": self._annotated(report).model_dump(), "uri": uri}
 
     def migration_package(self, migration: str) -> AsyncIterator[bytes]:
         return self.migrations.package(migration)

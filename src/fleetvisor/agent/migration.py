@@ -24,8 +24,10 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,6 +40,7 @@ from fleetvisor.model.specs import InstanceReport, InstanceSpec
 if TYPE_CHECKING:
     from fleetvisor.agent.core import Agent
 
+log = logging.getLogger("fleetvisor.agent.migration")
 CHUNK = 1 << 20
 MIGRATION_ID = __import__("re").compile(r"^[a-z0-9-]{1,64}$")
 
@@ -66,8 +69,12 @@ class HostMigrations:
 
     # -- source ------------------------------------------------------------------------
 
-    async def send(self, instance_id: str, migration: str, live: bool) -> dict[str, Any]:
-        """Stop the instance into a package: a checkpoint (live) or its files (cold)."""
+    async def send(
+        self, instance_id: str, migration: str, live: bool, uri: str | None = None
+    ) -> dict[str, Any]:
+        """Stop the instance into a package: a checkpoint (live) or its files (cold).
+        With `uri` (drivers that migrate live themselves, e.g. QEMU), its state streams to
+        the target listening there instead, and the package holds only meta.json."""
         staging = self._dir(migration, "out")
         meta_path = staging / "meta.json"
         if meta_path.exists():  # packed already: a repeated call
@@ -86,25 +93,29 @@ class HostMigrations:
         # that CRIU finished it): the process is gone, but it was running.
         resumed = can_dump and not was_running and (staging / "checkpoint").is_dir()
         was_running = was_running or resumed
-        live = can_dump and was_running
+        live = (can_dump or (bool(uri) and live)) and was_running
         if not resumed:
             await asyncio.to_thread(_fresh_dir, staging)
         began = time.monotonic()
         self.agent.health.expect_stopped(instance_id)
         info: dict[str, Any] = {}
+        streamed = bool(uri) and live and Capability.LIVE_MIGRATE in driver.capabilities()
         async with self.agent.lock(instance_id):
-            if live:
+            if streamed:
+                info = await driver.migrate_out(instance_id, uri)  # type: ignore[attr-defined]
+            elif live:
                 info = await driver.checkpoint(instance_id, staging / "checkpoint")  # type: ignore[attr-defined]
             elif was_running:
                 await driver.stop(instance_id)
             stopped = time.monotonic()
-            if hasattr(driver, "export_state"):
+            if hasattr(driver, "export_state") and not streamed:
                 await driver.export_state(instance_id, staging / "upper.tar")
         meta = {
             "instance": instance_id,
             # The target pulls the package with this secret, not with the controller's token.
             "token": secrets.token_urlsafe(24),
             "live": live,
+            "streamed": streamed,
             "was_running": was_running,
             "dump_s": round(stopped - began, 4),
             "pack_s": round(time.monotonic() - began, 4),
@@ -165,36 +176,65 @@ class HostMigrations:
 
     # -- target ------------------------------------------------------------------------
 
+    async def prepare(
+        self, spec: InstanceSpec, machine: dict[str, Any] | None = None
+    ) -> tuple[InstanceReport, str | None]:
+        """Before the source stops: create the instance here, not running (image layers,
+        rootfs, network), so the downtime holds only the transfer and the restore.
+        With `machine` (the source's description, drivers that migrate live themselves):
+        start it waiting for its state, and answer where the source sends it."""
+        driver = self.agent.driver
+        if machine is not None and Capability.LIVE_MIGRATE in driver.capabilities():
+            if self.agent.images is not None:
+                await self.agent.images.prepare(spec.id, spec.image)
+            address = getattr(driver, "migration_address", "127.0.0.1")
+            port = _free_port(address)
+            report = await driver.migrate_incoming(spec, port, machine)  # type: ignore[attr-defined]
+            self.agent.watch(spec)
+            return report, f"tcp:{address}:{port}"
+        return await self.agent.create(spec, start=False), None
+
     async def receive(
         self, spec: InstanceSpec, migration: str, source: PackageSource, start: bool
     ) -> InstanceReport:
         """Pull the package from `source` and run the instance here from it."""
         driver = self.agent.driver
         current = {r.id: r for r in await driver.list()}.get(spec.id)
-        if current is not None and (current.state == "running" or not start):
+        if current is not None and current.state == "running":
             await self.forget(migration)
             return current  # done already: a repeated call
         staging = self._dir(migration, "in")
+        began = time.monotonic()
         if not (staging / "meta.json").exists():
             await asyncio.to_thread(_fresh_dir, staging)
             await _pull(source.migration_package(migration), staging)
+        pulled = time.monotonic()
         meta = _read_meta(staging)
         if meta is None:
             raise DriverError(f"the package of migration {migration} arrived without meta.json")
-        # Create prepares everything but the process: image layers, rootfs, network.
-        await self.agent.create(spec, start=False)
+        if current is None:  # not prepared beforehand (or lost since): create it now
+            await self.agent.create(spec, start=False)
+        upper = staging / "upper.tar"
+        files = upper if upper.exists() and hasattr(driver, "import_state") else None
         async with self.agent.lock(spec.id):
-            upper = staging / "upper.tar"
-            if upper.exists() and hasattr(driver, "import_state"):
-                await driver.import_state(spec.id, upper)
-            if meta.get("live") and start:
-                report = await driver.restore(spec, staging / "checkpoint", None)  # type: ignore[attr-defined]
-            elif start and meta.get("was_running", True):
-                report = await driver.start(spec.id)
+            if meta.get("streamed"):
+                report = await driver.wait_incoming(spec.id)  # type: ignore[attr-defined]
+            elif meta.get("live") and start:
+                # The writable layer goes in as part of the restore (one remount).
+                report = await driver.restore(spec, staging / "checkpoint", files)  # type: ignore[attr-defined]
             else:
-                report = {r.id: r for r in await driver.list()}[spec.id]
+                if files is not None:
+                    await driver.import_state(spec.id, files)  # type: ignore[attr-defined]
+                if start and meta.get("was_running", True):
+                    report = await driver.start(spec.id)
+                else:
+                    report = {r.id: r for r in await driver.list()}[spec.id]
         if report.state == "running":
             self.agent.health.expect_running(spec.id)
+        log.info(
+            "migration %s: %s pulled in %.3fs, running after %.3fs",
+            migration, spec.name, pulled - began, time.monotonic() - began,
+        )  # fmt: skip
         await self.forget(migration)
         return report
 
@@ -255,3 +295,10 @@ def _read_meta(staging: Path) -> dict[str, Any] | None:
         return dict(json.loads((staging / "meta.json").read_text()))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _free_port(address: str) -> int:
+    """A TCP port free on `address` now (the driver's listener binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])

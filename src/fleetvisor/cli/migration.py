@@ -12,6 +12,7 @@ from fleetvisor.cli.output import console, emit_json, fail, table
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 STEPS = {
     "place": "choosing the target",
+    "prepare_target": "preparing the target",
     "pack": "checkpointing on the source",
     "run_on_target": "restoring on the target",
     "clean_source": "cleaning the source",

@@ -42,7 +42,15 @@ class AgentClient(Protocol):
     ) -> AsyncIterator[bytes]: ...
 
     # Migration (agent/migration.py): the source packs, the target pulls and runs.
-    async def migrate_out(self, instance_id: str, migration: str, live: bool) -> dict[str, Any]: ...
+    async def migrate_prepare(
+        self, spec: InstanceSpec, migration: str, machine: dict[str, Any] | None = None
+    ) -> dict[str, Any]: ...
+
+    async def migration_machine(self, instance_id: str) -> dict[str, Any] | None: ...
+
+    async def migrate_out(
+        self, instance_id: str, migration: str, live: bool, uri: str | None = None
+    ) -> dict[str, Any]: ...
 
     async def migrate_in(
         self, spec: InstanceSpec, migration: str, source: Any, token: str = "", start: bool = True
@@ -124,8 +132,22 @@ class HttpAgentClient:
         except httpx.TransportError as exc:
             raise AgentUnreachable(f"{self._client.base_url}: {exc}") from exc
 
-    async def migrate_out(self, instance_id: str, migration: str, live: bool) -> dict[str, Any]:
-        body = {"migration": migration, "live": live}
+    async def migrate_prepare(
+        self, spec: InstanceSpec, migration: str, machine: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        path = f"/v1/migrations/{migration}/prepare"
+        body = {"spec": spec.model_dump(), "machine": machine}
+        return dict(await self._call("POST", path, json=body, timeout=MIGRATION_TIMEOUT))
+
+    async def migration_machine(self, instance_id: str) -> dict[str, Any] | None:
+        answer = await self._call("GET", f"/v1/instances/{instance_id}/machine")
+        machine = answer.get("machine")
+        return dict(machine) if machine is not None else None
+
+    async def migrate_out(
+        self, instance_id: str, migration: str, live: bool, uri: str | None = None
+    ) -> dict[str, Any]:
+        body = {"migration": migration, "live": live, "uri": uri}
         path = f"/v1/instances/{instance_id}/migrate-out"
         return dict(await self._call("POST", path, json=body, timeout=MIGRATION_TIMEOUT))
 

@@ -167,25 +167,50 @@ async def _migrate(runner: OperationRunner, op_id: str) -> None:
     src_agent = runner.clients.for_host(source.name, source.agent_url, source.agent_token)
     dst_agent = runner.clients.for_host(target.name, target.agent_url, target.agent_token)
     running = instance.desired_power == PowerState.RUNNING
+    both = set(source.capabilities) & set(target.capabilities)
+    # Drivers that migrate live themselves (QEMU) stream the state host to host while
+    # the instance runs; the others (runc + CRIU) stop it into a checkpoint package.
+    streams = params["mode"] != "cold" and running and "live_migrate" in both
+
+    if not params.get("prepared"):
+        # The target makes everything but the process while the source still runs.
+        runner._step(op_id, "prepare_target")
+        try:
+            machine = None
+            if streams:
+                machine = await runner._reach(
+                    op_id, source.id, lambda: src_agent.migration_machine(spec.id)
+                )
+            answer = await runner._reach(
+                op_id, target.id, lambda: dst_agent.migrate_prepare(spec, op_id, machine)
+            )
+        except Exception as exc:
+            if not (isinstance(exc, DriverError) or _is_give_up(exc)):
+                raise
+            await _quietly(dst_agent.destroy(spec.id))
+            _release_target(runner, op_id, params, instance, str(exc))
+            raise _Failed(f"preparing {target.name} failed: {exc}") from exc
+        params = _save(runner, op_id, prepared=True, uri=answer.get("uri"))
 
     if not params.get("packed"):
         runner._step(op_id, "pack", InstanceStatus.STOPPING)
-        live = params["mode"] != "cold" and {"checkpoint"} <= set(source.capabilities) & set(
-            target.capabilities
-        )
+        uri = params.get("uri")
+        live = params["mode"] != "cold" and ("checkpoint" in both or bool(uri))
         try:
             meta = await runner._reach(
-                op_id, source.id, lambda: src_agent.migrate_out(spec.id, op_id, live)
+                op_id, source.id, lambda: src_agent.migrate_out(spec.id, op_id, live, uri)
             )
         except DriverError as exc:
-            _release_target(runner, op_id, params, instance)
+            await _quietly(dst_agent.destroy(spec.id))
+            _release_target(runner, op_id, params, instance, str(exc))
             await _quietly(src_agent.migrate_abort(spec.id, op_id))
             raise _Failed(f"packing on {source.name} failed: {exc}") from exc
         except Exception as exc:  # unreachable past the deadline, or the host is down
             if not _is_give_up(exc):
                 raise
             if source.state != HostState.DOWN and _host_state(runner, source.id) != HostState.DOWN:
-                _release_target(runner, op_id, params, instance)
+                await _quietly(dst_agent.destroy(spec.id))
+                _release_target(runner, op_id, params, instance, str(exc))
                 raise _Failed(f"{source.name} could not be reached to pack: {exc}") from exc
             meta = {"rebuilt": True, "live": False}
         params = _save(runner, op_id, packed=meta)
@@ -223,6 +248,8 @@ async def _migrate(runner: OperationRunner, op_id: str) -> None:
         _release_target(runner, op_id, params, instance, f"{exc}{note}")
         raise _Failed(f"running on {target.name} failed: {exc}{note}") from exc
     downtime = clock.monotonic() - began + float(packed.get("dump_s", 0.0))
+    if packed.get("streamed"):  # the guest paused only for the last pass (QEMU's count)
+        downtime = float(packed.get("driver_downtime_ms", 0.0)) / 1000
     _commit(runner, op_id, params, instance, source, target, report.address, downtime)
     params, instance = _load(runner, op_id)
     await _clean(runner, op_id, params, instance)

@@ -325,6 +325,7 @@ class QemuDriver:
                         await self.network.remove_bridge()
             directory = self.layout.instance_dir(instance_id)
             await asyncio.to_thread(shutil.rmtree, directory, True)
+            await asyncio.to_thread(_remove_sockets, self.layout, instance_id)
         self._cpu_baseline.pop(instance_id, None)
         self._locks.pop(instance_id, None)
 
@@ -639,6 +640,7 @@ class QemuDriver:
         argv += _hotplugged_args(machine)
         if incoming:
             argv += ["-incoming", incoming]
+        layout.sockets_dir(instance_id).mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in (config.qmp_socket, config.ctl_socket, config.pid_file):
             stale.unlink(missing_ok=True)
         offset = config.console.stat().st_size if config.console.exists() else 0
@@ -887,3 +889,11 @@ def _cpuinfo() -> tuple[str, list[str]]:
 
 
 __all__ = ["HostCacheImages", "QemuDriver", "StoreImages", "VmImages"]
+
+
+def _remove_sockets(layout: Layout, instance_id: str) -> None:
+    """The instance's socket dir, and the agent's when it was the last one."""
+    shutil.rmtree(layout.sockets_dir(instance_id), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        layout.sockets_dir(instance_id).parent.rmdir()
+        layout.run_dir.rmdir()

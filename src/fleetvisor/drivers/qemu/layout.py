@@ -15,6 +15,9 @@ class Layout:
     state_dir: Path  # the driver's own directory (the agent's state dir / "qemu-driver")
     agent_id: str
     base_dir: Path  # shared read-only base disks, one per image disk digest
+    # Unix sockets live apart from the state dir: their paths must fit in 108 bytes,
+    # which a deep state dir would not leave room for.
+    run_dir: Path = Path("/run/fleetvisor")
 
     @property
     def prefix(self) -> str:
@@ -54,12 +57,15 @@ class Layout:
         """The guest's serial console (ttyS0), appended across boots."""
         return self.instance_dir(instance_id) / "console.log"
 
+    def sockets_dir(self, instance_id: str) -> Path:
+        return self.run_dir / self.prefix / instance_id
+
     def qmp_socket(self, instance_id: str) -> Path:
-        return self.instance_dir(instance_id) / "qmp.sock"
+        return self.sockets_dir(instance_id) / "qmp.sock"
 
     def ctl_socket(self, instance_id: str) -> Path:
         """The guest's control channel (virtio-serial): one shell command per line."""
-        return self.instance_dir(instance_id) / "ctl.sock"
+        return self.sockets_dir(instance_id) / "ctl.sock"
 
     def pid_file(self, instance_id: str) -> Path:
         return self.instance_dir(instance_id) / "qemu.pid"
