@@ -445,16 +445,18 @@ RUNC_UP_ARGS = [
 
 
 @pytest.fixture
-def runc_fleet(tmp_path: Path) -> Iterator[RuncFleet]:
+def runc_fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RuncFleet]:
     """A 2-host runc fleet (skips, saying why, where runc cannot run). Teardown stops it,
     then removes anything of it left on the machine (after a failure, say an agent killed
     and never restarted), by this fleet's PIDs and name prefixes only; it fails only if
-    something cannot be removed. The test body asserts that nothing was left."""
+    something cannot be removed. The test body asserts that nothing was left.
+    A test module may set `RUNC_EXTRA_UP_ARGS` (e.g. a host capacity)."""
     missing = runc_fleet_missing()
     if missing:
         print(f"\nskipping the runc fleet test: {missing}")
         pytest.skip(missing)
-    fleet = RuncFleet(tmp_path / "state", hosts=2, up_args=RUNC_UP_ARGS)
+    extra = list(getattr(request.module, "RUNC_EXTRA_UP_ARGS", []))
+    fleet = RuncFleet(tmp_path / "state", hosts=2, up_args=[*RUNC_UP_ARGS, *extra])
     try:
         fleet.start()
         yield fleet

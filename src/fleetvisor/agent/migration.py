@@ -225,7 +225,7 @@ class HostMigrations:
             else:
                 if files is not None:
                     await driver.import_state(spec.id, files)  # type: ignore[attr-defined]
-                if start and meta.get("was_running", True):
+                if start:  # the fleet wants it running, whatever it was at the source
                     report = await driver.start(spec.id)
                 else:
                     report = {r.id: r for r in await driver.list()}[spec.id]

@@ -26,20 +26,17 @@ import secrets
 import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetvisor.bench.fleet import BenchError, BenchImage, ProgressFn, throwaway_fleet
 from fleetvisor.client import ApiError, FleetClient
 from fleetvisor.drivers.runc import bundle, overlay
 from fleetvisor.drivers.runc.cgroups import Cgroup
 from fleetvisor.errors import FleetvisorError, NotFound
-from fleetvisor.fleet.local import FleetError, FleetOptions, LocalFleet
-from fleetvisor.images.archive import import_image
 from fleetvisor.images.build import (
     RootfsBuildError,
     build_busybox_image,
@@ -47,8 +44,7 @@ from fleetvisor.images.build import (
     debootstrap_minbase,
 )
 from fleetvisor.images.layers import LayerCache
-from fleetvisor.images.registry_client import RegistryClient
-from fleetvisor.images.store import Descriptor, ImageStore
+from fleetvisor.images.store import ImageStore
 from fleetvisor.model.specs import InstanceSpec, ResourceVector
 
 MB = 1_000_000
@@ -63,13 +59,6 @@ RUNC_TIMEOUT = 30.0
 PIDS_LIMIT = 4096  # the runc driver's default
 MODES = ("cold", "cached", "raw_runc")
 
-ProgressFn = Callable[[str, int, int], None]
-"""progress(what is happening, steps done, steps in all)."""
-
-
-class BenchError(FleetvisorError):
-    """The benchmark could not run or measure; the message says what to change."""
-
 
 @dataclass(frozen=True)
 class LaunchBenchConfig:
@@ -79,18 +68,6 @@ class LaunchBenchConfig:
     cpu_millicores: int = 500
     memory_mib: int = 256
     rootfs_cache: Path = field(default_factory=lambda: default_rootfs_cache())
-
-
-@dataclass(frozen=True)
-class BenchImage:
-    """The image as pushed to the throwaway fleet's registry."""
-
-    ref: str  # name:tag in the registry
-    name: str
-    digest: str  # manifest digest
-    layers: tuple[Descriptor, ...]  # base first
-    image_bytes: int  # compressed size of its blobs (config + layers)
-    config: dict[str, Any]  # runtime defaults (Env, WorkingDir, User, ...)
 
 
 def default_rootfs_cache() -> Path:
@@ -174,26 +151,6 @@ def image_source(image: str, workdir: Path, rootfs_cache: Path) -> Path:
             "give an OCI layout directory or an OCI / `docker save` archive"
         )
     return path
-
-
-def push_image(source: Path, name: str, client: FleetClient, scratch: Path) -> BenchImage:
-    """Import `source` (every digest verified) and push it to the fleet's registry."""
-    store = ImageStore(scratch)
-    info = import_image(store, source, name)
-    manifest = store.manifest(info.ref)
-    registry = RegistryClient(client.url, client.token)
-    try:
-        registry.push(store, info.ref)
-    finally:
-        registry.close()
-    return BenchImage(
-        ref=info.ref,
-        name=info.name,
-        digest=info.digest,
-        layers=manifest.layers,
-        image_bytes=sum(blob.size for blob in manifest.blobs),
-        config=store.image_config(info.ref),
-    )
 
 
 # --------------------------------------------------------------------------- the host cache
@@ -475,44 +432,25 @@ def _raw_launch(run: _Run, index: int) -> float:
 @contextlib.contextmanager
 def _bench_run(config: LaunchBenchConfig, report: ProgressFn) -> Iterator[_Run]:
     """Temp dir, fleet, image and raw runc workspace; all removed on the way out."""
+    name = f"fvbench/{config.image}" if config.image in KEYWORDS else "fvbench/image"
     with contextlib.ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="fvbench-"))
-        stack.callback(_remove_tree, workdir)
-        report(f"preparing image {config.image}", 0, 1)
-        source = image_source(config.image, workdir, config.rootfs_cache)
-        fleet = LocalFleet(
-            FleetOptions(hosts=1, driver="runc", state_dir=workdir / "fleet", port=0),
-            say=lambda message: print(message, file=sys.stderr),
+        bench = stack.enter_context(
+            throwaway_fleet(
+                prefix="fvbench-",
+                image=lambda workdir: image_source(config.image, workdir, config.rootfs_cache),
+                image_name=name,
+                progress=report,
+                preparing=f"preparing image {config.image}",
+            )
         )
-        stack.callback(fleet.stop)
-        try:
-            fleet.start(report)
-        except FleetError as exc:
-            raise BenchError(f"the throwaway fleet did not start: {exc}") from exc
-        token = (workdir / "fleet" / "admin.token").read_text().strip()
-        client = stack.enter_context(FleetClient(fleet.url, token))
-        report("pushing the image", 0, 1)
-        name = f"fvbench/{config.image}" if config.image in KEYWORDS else "fvbench/image"
-        image = push_image(source, name, client, workdir / "import")
-        if any(pin["image"] == image.ref for pin in client.cache_pins()):
+        image = bench.image
+        if any(pin["image"] == image.ref for pin in bench.client.cache_pins()):
             raise BenchError(f"{image.ref} is pinned: cold launches would find it prepopulated")
-        raw = RawRunc(workdir / "raw", image, config, secrets.token_hex(3))
+        raw = RawRunc(bench.workdir / "raw", image, config, secrets.token_hex(3))
         stack.callback(raw.close)
         yield _Run(
             image=image,
-            cache=SharedCache(workdir / "fleet" / "cache"),
-            launcher=FleetLauncher(client, image, config),
+            cache=SharedCache(bench.state_dir / "cache"),
+            launcher=FleetLauncher(bench.client, image, config),
             raw=raw,
         )
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete the bench's temp dir, detaching any mount left below it first (never delete
-    through a mounted overlay)."""
-    resolved = path.resolve()
-    below = [p for p in overlay.mount_points() if p == resolved or resolved in p.parents]
-    for point in sorted(below, key=lambda p: len(p.parts), reverse=True):
-        overlay.unmount(point)
-    if any(p == resolved or resolved in p.parents for p in overlay.mount_points()):
-        raise BenchError(f"{path} still has mounts below it; not removing it")
-    shutil.rmtree(path, ignore_errors=True)

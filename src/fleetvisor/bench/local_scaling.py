@@ -23,17 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetvisor.bench.launch import BenchError, _remove_tree, push_image
+from fleetvisor.bench.fleet import BenchError, ProgressFn, throwaway_fleet
 from fleetvisor.bench.loadgen import (
     Phase,
     RequestRecord,
@@ -43,10 +41,8 @@ from fleetvisor.bench.loadgen import (
 )
 from fleetvisor.client import ApiError, FleetClient
 from fleetvisor.drivers.runc.cgroups import CGROUP_ROOT
-from fleetvisor.fleet.local import FleetError, FleetOptions, LocalFleet
 from fleetvisor.images.build import build_httpwork_image
 
-ProgressFn = Callable[[str, int, int], None]
 TARGET_REACTION_S = 1.0
 TARGET_P95_RATIO = 2.0
 POLL_S = 0.5
@@ -374,24 +370,11 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 @contextlib.contextmanager
 def _fleet(progress: ProgressFn) -> Iterator[tuple[FleetClient, str, str]]:
-    with contextlib.ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="fvbench-scale-"))
-        stack.callback(_remove_tree, workdir)
-        progress("building the httpwork image", 0, 2)
-        layout = build_httpwork_image(workdir / "httpwork")
-        fleet = LocalFleet(
-            FleetOptions(hosts=1, driver="runc", state_dir=workdir / "fleet", port=0),
-            say=lambda message: print(message, file=sys.stderr),
-        )
-        stack.callback(fleet.stop)
-        try:
-            fleet.start(progress)
-        except FleetError as exc:
-            raise BenchError(f"the throwaway fleet did not start: {exc}") from exc
-        token = (workdir / "fleet" / "admin.token").read_text().strip()
-        client = stack.enter_context(FleetClient(fleet.url, token))
-        image = push_image(layout, "fvbench/httpwork", client, workdir / "import")
-        hosts = client.hosts()
-        if not hosts:
-            raise BenchError("the throwaway fleet has no host")
-        yield client, hosts[0]["name"], image.ref
+    with throwaway_fleet(
+        prefix="fvbench-scale-",
+        image=lambda workdir: build_httpwork_image(workdir / "httpwork"),
+        image_name="fvbench/httpwork",
+        progress=progress,
+        preparing="building the httpwork image",
+    ) as bench:
+        yield bench.client, bench.hosts[0], bench.image.ref

@@ -273,3 +273,41 @@ def local_scaling(
             f"allocation conserved: {result['host_allocation_conserved']}"
         )
     emit_json(result)
+
+
+@bench_app.command("migrate")
+def migrate(
+    memory: Annotated[str, typer.Option(help="Memory memcounter holds, e.g. 100M.")] = "100M",
+    rounds: Annotated[
+        int, typer.Option(min=1, max=50, help="Rounds of live, cold and raw CRIU.")
+    ] = 3,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Only the JSON document (no progress bar, no table).")
+    ] = False,
+) -> None:
+    """Live and cold migration of a runc instance against bare CRIU: downtime (the
+    operation's and as seen in the workload's output), CLI wall time, package size, and
+    whether the state went along, with live / raw CRIU (target <= 1.5).
+
+    Starts a throwaway 2-host runc fleet, runs memcounter holding MEMORY, migrates it back
+    and forth, and removes everything it made. Needs root, runc, CRIU >= 4.1
+    (scripts/deps/criu.sh), busybox-static and gcc with a static libc.
+    """
+    from fleetvisor.bench.migrate import MigrateBenchConfig, run_migrate_bench, summary_lines
+    from fleetvisor.client import ApiError
+    from fleetvisor.errors import FleetvisorError
+    from fleetvisor.images.build import RootfsBuildError, WorkloadBuildError
+
+    config = MigrateBenchConfig(memory_mib=parse_size_mib(memory), rounds=rounds)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with _progress_bar(show=not as_json) as progress:
+            result = run_migrate_bench(config, progress)
+    except (ApiError, FleetvisorError, RootfsBuildError, WorkloadBuildError) as exc:
+        fail(str(exc))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not as_json:
+        for line in summary_lines(result):
+            stderr.print(line, markup=False, soft_wrap=True)
+    emit_json(result)

@@ -52,6 +52,7 @@ from fleetvisor.model.entities import (
     PowerState,
 )
 from fleetvisor.model.health import Issue
+from fleetvisor.model.specs import InstanceReport
 from fleetvisor.scheduler import PlacementRequest
 from fleetvisor.scheduler.config import SchedulerConfig
 from fleetvisor.scheduler.fleet import FleetSnapshot
@@ -62,8 +63,9 @@ if TYPE_CHECKING:
     from fleetvisor.controller.operations import OperationRunner
 
 MODES = ("auto", "live", "cold")
-CPU_ISSUES = (Issue.NOISY_NEIGHBOUR, Issue.CPU_THROTTLED)
-MEMORY_ISSUES = (Issue.MEMORY_PRESSURE, Issue.OOM_KILLED)
+# Issues a host causes: the target must not be busier than the source in that respect.
+# (Throttling, memory pressure and OOM kills come from the instance's own limits.)
+CPU_ISSUES = (Issue.NOISY_NEIGHBOUR,)
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -250,7 +252,7 @@ async def _migrate(runner: OperationRunner, op_id: str) -> None:
     downtime = clock.monotonic() - began + float(packed.get("dump_s", 0.0))
     if packed.get("streamed"):  # the guest paused only for the last pass (QEMU's count)
         downtime = float(packed.get("driver_downtime_ms", 0.0)) / 1000
-    _commit(runner, op_id, params, instance, source, target, report.address, downtime)
+    _commit(runner, op_id, params, instance, source, target, report, downtime)
     params, instance = _load(runner, op_id)
     await _clean(runner, op_id, params, instance)
 
@@ -298,9 +300,6 @@ def placement_request(
     if source is not None and issue in CPU_ISSUES:
         limit = _cpu_use(source)
         excluded |= {h.id for h in fleet.hosts if _cpu_use(h) > limit}
-    elif source is not None and issue in MEMORY_ISSUES:
-        limit = _memory_use(source)
-        excluded |= {h.id for h in fleet.hosts if _memory_use(h) > limit}
     group = None
     if row.placement_group_id:
         group = session.get(PlacementGroupRow, row.placement_group_id)
@@ -321,11 +320,6 @@ def _cpu_use(host: HostCandidate) -> float:
     return used / host.capacity.vcpus if host.capacity.vcpus else 1.0
 
 
-def _memory_use(host: HostCandidate) -> float:
-    used = sum(n.memory_mib for n in host.neighbours)
-    return used / host.capacity.memory if host.capacity.memory else 1.0
-
-
 def _commit(
     runner: OperationRunner,
     op_id: str,
@@ -333,7 +327,7 @@ def _commit(
     instance: InstanceRow,
     source: HostRow,
     target: HostRow,
-    address: str | None,
+    report: InstanceReport,
     downtime: float,
 ) -> None:
     now = runner.clock.now()
@@ -346,12 +340,8 @@ def _commit(
         if row.host_id == source.id:
             release(session, source.id, row.resources)
             row.host_id = target.id
-        row.address = address
-        row.status = (
-            InstanceStatus.RUNNING
-            if row.desired_power == PowerState.RUNNING
-            else (InstanceStatus.STOPPED)
-        )
+        row.address = report.address
+        row.status = InstanceStatus.RUNNING if report.state == "running" else InstanceStatus.STOPPED
         row.status_message = ""
         row.updated_at = now
         how = (

@@ -7,6 +7,10 @@
     health loop: host down      -> on_host_down: evacuate instances whose policy migrates
     operator: host draining     -> on_host_draining: migrate them, one after the other
 
+Migrations for issues inside the instance (a failing probe, an OOM kill, a restart
+loop) are cold: a live one would carry the fault along. Issues of the host (a noisy
+neighbour, a drain) migrate live where both hosts can.
+
 Only instances with a health policy are remedied: an instance without one keeps the
 fleet's older behaviour (a down host's containers wait for it to come back).
 
@@ -26,6 +30,16 @@ from fleetvisor.controller.settings import ControllerSettings
 from fleetvisor.errors import FleetvisorError
 from fleetvisor.model.health import Detection, HealthPolicy, Issue, Remedy
 from fleetvisor.store.tables import HostRow, InstanceRow
+
+# What is wrong inside the instance travels with a live migration (its memory, its
+# files): these move cold, a fresh process on the instance's data. The others are
+# about the host, and move live where both hosts can.
+COLD_ISSUES = {
+    Issue.PROBE_FAILED: "cold",
+    Issue.OOM_KILLED: "cold",
+    Issue.RESTART_LOOP: "cold",
+    Issue.EXITED: "cold",
+}
 
 
 def on_detections(
@@ -141,6 +155,7 @@ def _migrate(
                 row,
                 now=now,
                 settings=settings,
+                mode=COLD_ISSUES.get(issue, "auto"),
                 issue=issue,
                 reason=f"{issue}: {message}" if message else str(issue),
                 after=after,
