@@ -23,15 +23,25 @@ from fleetvisor.model.specs import InstanceReport, InstanceSpec, ResourceVector
 bearer = HTTPBearer(auto_error=False)
 
 
+# Where the source sends the state: a QEMU listening (tcp:) or a CRIU page server.
+MIGRATION_URI = r"^(tcp|criu-page-server):[0-9a-zA-Z.:\[\]-]{1,200}$"
+
+
 class MigrateOut(BaseModel):
     migration: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")]
     live: bool = True
-    uri: Annotated[str, StringConstraints(pattern=r"^tcp:[0-9a-zA-Z.:\[\]-]{1,200}$")] | None = None
+    uri: (
+        Annotated[
+            str, StringConstraints(pattern=r"^(tcp|criu-page-server):[0-9a-zA-Z.:\[\]-]{1,200}$")
+        ]
+        | None
+    ) = None
 
 
 class MigratePrepare(BaseModel):
     spec: InstanceSpec
     machine: dict[str, Any] | None = None
+    checkpoint: bool = False  # a CRIU dump follows: answer a page server for its memory
 
 
 class MigrateAbort(BaseModel):
@@ -141,7 +151,7 @@ def create_agent_app(agent: Agent, token: str) -> FastAPI:
 
     @app.post("/v1/migrations/{migration}/prepare", dependencies=[Depends(authorized)])
     async def migrate_prepare(migration: str, body: MigratePrepare) -> dict[str, Any]:
-        return await agent.migrate_prepare(body.spec, migration, body.machine)
+        return await agent.migrate_prepare(body.spec, migration, body.machine, body.checkpoint)
 
     @app.get("/v1/instances/{instance_id}/machine", dependencies=[Depends(authorized)])
     async def migration_machine(instance_id: str) -> dict[str, Any]:

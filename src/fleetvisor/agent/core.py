@@ -38,6 +38,7 @@ class Agent:
         self.driver = driver
         self.clock = clock or RealClock()
         self.images = images  # the host's image cache, for drivers that run real images
+        self.service_host = service_host  # where other hosts reach this one
         self._launching: dict[str, float] = {}  # instance -> when its create began
         # One lock per instance: the controller may retry a call while the first
         # attempt is still running; they must not interleave.
@@ -122,11 +123,15 @@ class Agent:
         return dict(describe(instance_id)) if describe is not None else None
 
     async def migrate_prepare(
-        self, spec: InstanceSpec, migration: str = "", machine: dict[str, Any] | None = None
+        self,
+        spec: InstanceSpec,
+        migration: str = "",
+        machine: dict[str, Any] | None = None,
+        checkpoint: bool = False,
     ) -> dict[str, Any]:
         """Target side, before the source stops: create the instance here, not running;
         with `machine`, listen for its state. Answers {"report", "uri"}."""
-        report, uri = await self.migrations.prepare(spec, machine)
+        report, uri = await self.migrations.prepare(spec, migration, machine, checkpoint)
         return {"report": self._annotated(report).model_dump(), "uri": uri}
 
     def migration_package(self, migration: str) -> AsyncIterator[bytes]:

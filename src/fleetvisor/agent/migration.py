@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleetvisor.agent.migration")
 CHUNK = 1 << 20
+PAGE_SERVER = "criu-page-server:"  # a migration target's page server, "ADDRESS:PORT" after
+PAGE_SERVER_WAIT = 60.0
 MIGRATION_ID = __import__("re").compile(r"^[a-z0-9-]{1,64}$")
 
 
@@ -55,6 +57,7 @@ class HostMigrations:
     def __init__(self, agent: Agent, state_dir: Path | None) -> None:
         self.agent = agent
         self._root = state_dir / "migrations" if state_dir is not None else None
+        self._page_servers: dict[str, asyncio.subprocess.Process] = {}
 
     @property
     def root(self) -> Path:
@@ -99,12 +102,20 @@ class HostMigrations:
         began = time.monotonic()
         self.agent.health.expect_stopped(instance_id)
         info: dict[str, Any] = {}
-        streamed = bool(uri) and live and Capability.LIVE_MIGRATE in driver.capabilities()
+        streamed = (
+            bool(uri)
+            and live
+            and not str(uri).startswith(PAGE_SERVER)
+            and Capability.LIVE_MIGRATE in driver.capabilities()
+        )
         async with self.agent.lock(instance_id):
             if streamed:
                 info = await driver.migrate_out(instance_id, uri)  # type: ignore[attr-defined]
             elif live:
-                info = await driver.checkpoint(instance_id, staging / "checkpoint")  # type: ignore[attr-defined]
+                pages = uri[len(PAGE_SERVER) :] if uri and uri.startswith(PAGE_SERVER) else None
+                info = await driver.checkpoint(  # type: ignore[attr-defined]
+                    instance_id, staging / "checkpoint", page_server=pages
+                )
             elif was_running:
                 await driver.stop(instance_id)
             stopped = time.monotonic()
@@ -165,11 +176,20 @@ class HostMigrations:
         if report.state != "running" and (meta is None or meta.get("was_running", True)):
             checkpoint = staging / "checkpoint"
             async with self.agent.lock(instance_id):
+                restored = None
                 if checkpoint.is_dir() and meta is not None and meta.get("live"):
                     spec = await self._spec_of(instance_id)
-                    report = await driver.restore(spec, checkpoint, None)  # type: ignore[attr-defined]
-                else:
-                    report = await driver.start(instance_id)
+                    try:
+                        restored = await driver.restore(spec, checkpoint, None)  # type: ignore[attr-defined]
+                    except (DriverError, InvalidInput) as exc:
+                        # Its pages went to the target's page server: start it afresh
+                        # here, on its own files, rather than leave it stopped.
+                        log.warning(
+                            "%s: the checkpoint cannot come back (%s); starting it",
+                            instance_id,
+                            exc,
+                        )
+                report = restored or await driver.start(instance_id)
             self.agent.health.expect_running(instance_id)
         await self.forget(migration)
         return report
@@ -177,12 +197,17 @@ class HostMigrations:
     # -- target ------------------------------------------------------------------------
 
     async def prepare(
-        self, spec: InstanceSpec, machine: dict[str, Any] | None = None
+        self,
+        spec: InstanceSpec,
+        migration: str,
+        machine: dict[str, Any] | None = None,
+        checkpoint: bool = False,
     ) -> tuple[InstanceReport, str | None]:
         """Before the source stops: create the instance here, not running (image layers,
         rootfs, network), so the downtime holds only the transfer and the restore.
         With `machine` (the source's description, drivers that migrate live themselves):
-        start it waiting for its state, and answer where the source sends it."""
+        start it waiting for its state, and answer where the source sends it. With
+        `checkpoint`: answer the page server the source's dump sends its memory to."""
         driver = self.agent.driver
         if machine is not None and Capability.LIVE_MIGRATE in driver.capabilities():
             if self.agent.images is not None:
@@ -192,7 +217,33 @@ class HostMigrations:
             report = await driver.migrate_incoming(spec, port, machine)  # type: ignore[attr-defined]
             self.agent.watch(spec)
             return report, f"tcp:{address}:{port}"
-        return await self.agent.create(spec, start=False), None
+        report = await self.agent.create(spec, start=False)
+        if checkpoint and Capability.CHECKPOINT in driver.capabilities():
+            return report, await self._page_server(migration)
+        return report, None
+
+    async def _page_server(self, migration: str) -> str | None:
+        """A CRIU page server that takes the dump's memory pages straight into this
+        migration's staging dir, so they cross once, while the dump runs."""
+        from fleetvisor.drivers.runc import criu as criu_tools
+
+        tool = criu_tools.find_criu()
+        if tool is None:
+            return None
+        staging = self._dir(migration, "in")
+        await asyncio.to_thread(_fresh_dir, staging / "checkpoint")
+        address = self.agent.service_host
+        port = _free_port(address)
+        log_file = (staging / "page-server.log").open("wb")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *criu_tools.page_server_argv(tool.path, staging / "checkpoint", address, port),
+                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            )  # fmt: skip
+        finally:
+            log_file.close()
+        self._page_servers[migration] = proc
+        return f"{PAGE_SERVER}{address}:{port}"
 
     async def receive(
         self, spec: InstanceSpec, migration: str, source: PackageSource, start: bool
@@ -206,8 +257,11 @@ class HostMigrations:
         staging = self._dir(migration, "in")
         began = time.monotonic()
         if not (staging / "meta.json").exists():
-            await asyncio.to_thread(_fresh_dir, staging)
+            pages = self._page_servers.get(migration) is not None
+            if not pages:
+                await asyncio.to_thread(_fresh_dir, staging)
             await _pull(source.migration_package(migration), staging)
+        await self._page_server_done(migration)
         pulled = time.monotonic()
         meta = _read_meta(staging)
         if meta is None:
@@ -235,12 +289,33 @@ class HostMigrations:
             "migration %s: %s pulled in %.3fs, running after %.3fs",
             migration, spec.name, pulled - began, time.monotonic() - began,
         )  # fmt: skip
-        await self.forget(migration)
+        # The staging dir goes with the controller's clean-up (forget), after the answer:
+        # removing 100 MB here would only lengthen the downtime.
         return report
+
+    async def _page_server_done(self, migration: str) -> None:
+        proc = self._page_servers.pop(migration, None)
+        if proc is None:
+            return
+        try:
+            code = await asyncio.wait_for(proc.wait(), PAGE_SERVER_WAIT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise DriverError(
+                f"the page server of {migration} got no complete dump in {PAGE_SERVER_WAIT:.0f}s"
+            ) from None
+        if code != 0:
+            raise DriverError(f"the page server of {migration} failed (exit {code})")
 
     # -- both --------------------------------------------------------------------------
 
     async def forget(self, migration: str) -> None:
+        proc = self._page_servers.pop(migration, None)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
         if self._root is None:
             return
         for side in ("in", "out"):

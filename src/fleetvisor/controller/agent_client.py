@@ -43,7 +43,11 @@ class AgentClient(Protocol):
 
     # Migration (agent/migration.py): the source packs, the target pulls and runs.
     async def migrate_prepare(
-        self, spec: InstanceSpec, migration: str, machine: dict[str, Any] | None = None
+        self,
+        spec: InstanceSpec,
+        migration: str,
+        machine: dict[str, Any] | None = None,
+        checkpoint: bool = False,
     ) -> dict[str, Any]: ...
 
     async def migration_machine(self, instance_id: str) -> dict[str, Any] | None: ...
@@ -133,10 +137,14 @@ class HttpAgentClient:
             raise AgentUnreachable(f"{self._client.base_url}: {exc}") from exc
 
     async def migrate_prepare(
-        self, spec: InstanceSpec, migration: str, machine: dict[str, Any] | None = None
+        self,
+        spec: InstanceSpec,
+        migration: str,
+        machine: dict[str, Any] | None = None,
+        checkpoint: bool = False,
     ) -> dict[str, Any]:
         path = f"/v1/migrations/{migration}/prepare"
-        body = {"spec": spec.model_dump(), "machine": machine}
+        body = {"spec": spec.model_dump(), "machine": machine, "checkpoint": checkpoint}
         return dict(await self._call("POST", path, json=body, timeout=MIGRATION_TIMEOUT))
 
     async def migration_machine(self, instance_id: str) -> dict[str, Any] | None:

@@ -260,8 +260,11 @@ def runc_checkpoint_argv(
     images_dir: Path,
     work_dir: Path,
     leave_running: bool = False,
+    page_server: str | None = None,
 ) -> list[str]:
     """`runc checkpoint` of `container` into `images_dir` (CRIU logs in `work_dir`).
+    With `page_server` ("ADDRESS:PORT", a `criu page-server` on the target host), the
+    memory pages go straight there while the dump runs; `images_dir` gets the rest.
 
     Namespaces given by path in config.json (our netns) are dumped as external: the
     restore joins whatever netns the restoring bundle's config.json names."""
@@ -279,8 +282,19 @@ def runc_checkpoint_argv(
     ]
     if leave_running:
         argv.append("--leave-running")
+    if page_server:
+        argv += ["--page-server", page_server]
     argv.append(container)
     return argv
+
+
+def page_server_argv(criu: str, images_dir: Path, address: str, port: int) -> list[str]:
+    """A `criu page-server` that receives one dump's memory pages into `images_dir`, then
+    exits: the target side of a checkpoint whose pages skip the source's disk."""
+    return [
+        criu, "page-server", "--images-dir", str(images_dir),
+        "--address", address, "--port", str(port),
+    ]  # fmt: skip
 
 
 def runc_restore_argv(

@@ -305,7 +305,12 @@ class RuncDriver:
     # -- checkpoint / restore / exec -----------------------------------------------------
 
     async def checkpoint(
-        self, instance_id: str, images_dir: Path, *, leave_running: bool = False
+        self,
+        instance_id: str,
+        images_dir: Path,
+        *,
+        leave_running: bool = False,
+        page_server: str | None = None,
     ) -> dict[str, Any]:
         """Dump the running instance's processes into `images_dir` (`runc checkpoint`
         with CRIU; created if missing, must hold no earlier dump).
@@ -314,6 +319,8 @@ class RuncDriver:
         upper dir, overlay mount, netns and address are kept, so `restore` here (rollback)
         or `export_state` + `restore` elsewhere (migration) can follow. With
         `leave_running` it keeps running (a copy, e.g. for a backup).
+        With `page_server` ("ADDRESS:PORT" of a `criu page-server`, see
+        `criu.page_server_argv`) the memory pages go there, not into `images_dir`.
         Returns {"dump_s", "image_bytes", "images_dir"}."""
         record = await self._require_async(instance_id)
         tool = _require_criu()
@@ -349,6 +356,7 @@ class RuncDriver:
             images_dir=images_dir,
             work_dir=work,
             leave_running=leave_running,
+            page_server=page_server,
         )
         began = time.monotonic()
         try:
