@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
 from fleetvisor.controller import events
+from fleetvisor.controller.agent_client import AgentClient
 from fleetvisor.controller.instance_specs import instance_spec
 from fleetvisor.controller.instances import release
 from fleetvisor.controller.operation_records import ACTIVE_OPS, GiveUp, new_operation
@@ -166,8 +167,14 @@ async def _migrate(runner: OperationRunner, op_id: str) -> None:
         _release_target(runner, op_id, params, instance)
         raise _Failed("the source or the target host was removed")
     spec = instance_spec(instance)
-    src_agent = runner.clients.for_host(source.name, source.agent_url, source.agent_token)
-    dst_agent = runner.clients.for_host(target.name, target.agent_url, target.agent_token)
+
+    # Looked up at every call: an agent that restarts may come back at another address.
+    def src() -> AgentClient:
+        return _client(runner, source)
+
+    def dst() -> AgentClient:
+        return _client(runner, target)
+
     running = instance.desired_power == PowerState.RUNNING
     both = set(source.capabilities) & set(target.capabilities)
     # Drivers that migrate live themselves (QEMU) stream the state host to host while
@@ -181,18 +188,18 @@ async def _migrate(runner: OperationRunner, op_id: str) -> None:
             machine = None
             if streams:
                 machine = await runner._reach(
-                    op_id, source.id, lambda: src_agent.migration_machine(spec.id)
+                    op_id, source.id, lambda: src().migration_machine(spec.id)
                 )
             dumps = params["mode"] != "cold" and running and "checkpoint" in both
             answer = await runner._reach(
                 op_id,
                 target.id,
-                lambda: dst_agent.migrate_prepare(spec, op_id, machine, dumps and not streams),
+                lambda: dst().migrate_prepare(spec, op_id, machine, dumps and not streams),
             )
         except Exception as exc:
             if not (isinstance(exc, DriverError) or _is_give_up(exc)):
                 raise
-            await _quietly(dst_agent.destroy(spec.id))
+            await _quietly(dst().destroy(spec.id))
             _release_target(runner, op_id, params, instance, str(exc))
             raise _Failed(f"preparing {target.name} failed: {exc}") from exc
         params = _save(runner, op_id, prepared=True, uri=answer.get("uri"))
@@ -203,18 +210,18 @@ async def _migrate(runner: OperationRunner, op_id: str) -> None:
         live = params["mode"] != "cold" and ("checkpoint" in both or bool(uri))
         try:
             meta = await runner._reach(
-                op_id, source.id, lambda: src_agent.migrate_out(spec.id, op_id, live, uri)
+                op_id, source.id, lambda: src().migrate_out(spec.id, op_id, live, uri)
             )
         except DriverError as exc:
-            await _quietly(dst_agent.destroy(spec.id))
+            await _quietly(dst().destroy(spec.id))
             _release_target(runner, op_id, params, instance, str(exc))
-            await _quietly(src_agent.migrate_abort(spec.id, op_id))
+            await _quietly(src().migrate_abort(spec.id, op_id))
             raise _Failed(f"packing on {source.name} failed: {exc}") from exc
         except Exception as exc:  # unreachable past the deadline, or the host is down
             if not _is_give_up(exc):
                 raise
             if source.state != HostState.DOWN and _host_state(runner, source.id) != HostState.DOWN:
-                await _quietly(dst_agent.destroy(spec.id))
+                await _quietly(dst().destroy(spec.id))
                 _release_target(runner, op_id, params, instance, str(exc))
                 raise _Failed(f"{source.name} could not be reached to pack: {exc}") from exc
             meta = {"rebuilt": True, "live": False}
@@ -226,28 +233,24 @@ async def _migrate(runner: OperationRunner, op_id: str) -> None:
     try:
         if packed.get("rebuilt"):
             report = await runner._reach(
-                op_id, target.id, lambda: dst_agent.create(spec, start=running)
+                op_id, target.id, lambda: dst().create(spec, start=running)
             )
         else:
             report = await runner._reach(
                 op_id,
                 target.id,
-                lambda: dst_agent.migrate_in(
-                    spec, op_id, src_agent, packed.get("token", ""), running
-                ),
+                lambda: dst().migrate_in(spec, op_id, src(), packed.get("token", ""), running),
             )
     except Exception as exc:
         if not (isinstance(exc, DriverError) or _is_give_up(exc)):
             raise
         # The target could not run it: the source takes it back, the target's copy goes.
-        await _quietly(dst_agent.destroy(spec.id))
-        await _quietly(dst_agent.migrate_forget(op_id))
+        await _quietly(dst().destroy(spec.id))
+        await _quietly(dst().migrate_forget(op_id))
         note = ""
         if not packed.get("rebuilt"):
             try:
-                await runner._reach(
-                    op_id, source.id, lambda: src_agent.migrate_abort(spec.id, op_id)
-                )
+                await runner._reach(op_id, source.id, lambda: src().migrate_abort(spec.id, op_id))
             except Exception as back:  # noqa: BLE001 - reported, the instance is unknown
                 note = f"; running it on {source.name} again failed too: {back}"
         _release_target(runner, op_id, params, instance, f"{exc}{note}")
@@ -473,6 +476,11 @@ def _host(runner: OperationRunner, host_id: str | None) -> HostRow | None:
         return None
     with runner.db.read() as session:
         return session.get(HostRow, host_id)
+
+
+def _client(runner: OperationRunner, host: HostRow) -> AgentClient:
+    current = _host(runner, host.id) or host
+    return runner.clients.for_host(current.name, current.agent_url, current.agent_token)
 
 
 def _host_state(runner: OperationRunner, host_id: str) -> str | None:
