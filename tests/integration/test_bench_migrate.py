@@ -105,8 +105,10 @@ def test_migrate_bench_keeps_state_and_cleans_up(temp_here: Path) -> None:
     assert result["live_total_s"] > 0 and result["cold_total_s"] > 0
     assert result["target_ratio"] == 1.5
     assert result["meets_target"] is (result["live_over_raw"] <= 1.5)
-    # the checkpoint holds memcounter's 16 MiB, in the product's package as in bare CRIU's
-    assert result["package_bytes"] > 16 * 2**20 and result["raw_image_bytes"] > 16 * 2**20
+    # bare CRIU's images hold memcounter's 16 MiB; the product's package does not: the
+    # pages went straight to the target's page server during the dump
+    assert result["raw_image_bytes"] > 16 * 2**20
+    assert 0 < result["package_bytes"] < 16 * 2**20
 
     (sample,) = result["samples"]
     live, cold, raw = sample["live"], sample["cold"], sample["raw"]

@@ -19,6 +19,7 @@ from fleetvisor.errors import DriverError
 from fleetvisor.images.vm_image import CTL_DONE
 
 _DONE = re.compile(rf"(.*){CTL_DONE} (-?\d+)")
+RESEND_AFTER = 2.0  # seconds without the marker before the line goes again
 
 
 async def guest_exec(socket: Path, command: str, *, timeout: float = 30.0) -> tuple[int, str]:
@@ -30,14 +31,26 @@ async def guest_exec(socket: Path, command: str, *, timeout: float = 30.0) -> tu
         reader, writer = await asyncio.open_unix_connection(str(socket))
     except OSError as exc:
         raise DriverError(f"no control channel at {socket}: {exc}") from exc
+    line_out = f"echo {begin}; {command}\n".encode()
     try:
-        writer.write(f"echo {begin}; {command}\n".encode())
+        writer.write(line_out)
         await writer.drain()
         output: list[str] = []
         started = False
         async with asyncio.timeout(timeout):
             while True:
-                raw = await reader.readline()
+                if started:
+                    raw = await reader.readline()
+                else:
+                    # Right after the previous client left, the guest may not be reading
+                    # the port yet and QEMU drops what arrives: until the guest echoes the
+                    # marker (so it has read the line), send the line again.
+                    try:
+                        raw = await asyncio.wait_for(reader.readline(), RESEND_AFTER)
+                    except TimeoutError:
+                        writer.write(line_out)
+                        await writer.drain()
+                        continue
                 if not raw:
                     raise DriverError(f"the guest closed its control channel during {command!r}")
                 line = raw.decode(errors="replace").rstrip("\r\n")
