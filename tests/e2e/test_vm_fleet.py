@@ -91,8 +91,10 @@ def test_vm_live_migration_between_hosts_keeps_the_guest_running(vm_fleet: Fleet
     after = counts(fleet, "vm1")  # the target's console
     assert after[0] > last and after == list(range(after[0], after[-1] + 1)), (last, after)
 
+    # A cold migration carries the disk overlay (the VM boots again on its own disk).
     op = migrate(fleet, "vm1", "--cold")
     assert op["result"]["mode"] == "cold" and host_of(fleet, "vm1") == source
+    assert op["result"]["package_bytes"] > 0  # the disk overlay travelled
     wait_for("the guest to boot again and count", lambda: counts(fleet, "vm1")[:1] == [0], 60)
 
     answer = json.loads(fleet.cli("drain", source, "--json", timeout=300).stdout)

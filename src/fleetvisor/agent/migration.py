@@ -3,7 +3,9 @@
     source  send(id, m, live)    live + checkpoint capability: CRIU checkpoint (the
                                  process stops, its memory is in checkpoint/)
                                  otherwise: stop
-                                 then the writable layer -> upper.tar, meta.json last
+                                 then the writable state (driver export_state: the
+                                 overlay upper dir as a tar, a VM disk overlay) ->
+                                 `writable`, meta.json last
             package(m)           the staging dir as one tar stream (the target pulls it)
             abort(id, m)         the migration failed elsewhere: run it here again
                                  (restore the checkpoint, or start)
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleetvisor.agent.migration")
 CHUNK = 1 << 20
+WRITABLE = "writable"  # the instance's own files, as the driver's export_state writes them
 PAGE_SERVER = "criu-page-server:"  # a migration target's page server, "ADDRESS:PORT" after
 PAGE_SERVER_WAIT = 60.0
 MIGRATION_ID = __import__("re").compile(r"^[a-z0-9-]{1,64}$")
@@ -120,7 +123,7 @@ class HostMigrations:
                 await driver.stop(instance_id)
             stopped = time.monotonic()
             if hasattr(driver, "export_state") and not streamed:
-                await driver.export_state(instance_id, staging / "upper.tar")
+                await driver.export_state(instance_id, staging / WRITABLE)
         meta = {
             "instance": instance_id,
             # The target pulls the package with this secret, not with the controller's token.
@@ -268,7 +271,7 @@ class HostMigrations:
             raise DriverError(f"the package of migration {migration} arrived without meta.json")
         if current is None:  # not prepared beforehand (or lost since): create it now
             await self.agent.create(spec, start=False)
-        upper = staging / "upper.tar"
+        upper = staging / WRITABLE
         files = upper if upper.exists() and hasattr(driver, "import_state") else None
         async with self.agent.lock(spec.id):
             if meta.get("streamed"):

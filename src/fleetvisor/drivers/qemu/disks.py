@@ -52,6 +52,18 @@ async def create_overlay(base: Path, overlay: Path) -> None:
     os.replace(tmp, overlay)
 
 
+async def adopt_overlay(source: Path, base: Path, overlay: Path) -> None:
+    """Make `source` (an overlay from another host) this instance's overlay, on this
+    host's copy of its base: `rebase -u` rewrites only the header's backing path, the
+    base's content being the same image disk (same digest)."""
+    tmp = overlay.with_name(f".{overlay.name}.tmp")
+    shutil.copyfile(source, tmp)
+    await commands.run(
+        ["qemu-img", "rebase", "-q", "-u", "-b", str(base), "-F", "qcow2", "-f", "qcow2", str(tmp)]
+    )
+    os.replace(tmp, overlay)
+
+
 async def create_empty(path: Path, size_bytes: int) -> None:
     """An empty qcow2 without backing: the target of an incremental backup."""
     await commands.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size_bytes)])

@@ -280,6 +280,25 @@ class QemuDriver:
             raise
         return await self._report(spec.id, record)
 
+    async def export_state(self, instance_id: str, dest: Path) -> None:
+        """The VM's writable disk (its qcow2 overlay) as a file, for a cold migration.
+        Take it while the VM is stopped."""
+        await self._require_async(instance_id)
+        if self._pid(instance_id) is not None:
+            raise DriverError(f"instance {instance_id} is running: stop it before export")
+        await asyncio.to_thread(shutil.copyfile, self.layout.disk(instance_id), dest)
+
+    async def import_state(self, instance_id: str, overlay: Path) -> None:
+        """Replace the (stopped) VM's overlay with one `export_state` wrote on another
+        host, rebased on this host's copy of the same base."""
+        async with self._lock(instance_id):
+            record = await self._require_async(instance_id)
+            if self._pid(instance_id) is not None:
+                raise DriverError(f"instance {instance_id} is running: its disk stays")
+            await disks.adopt_overlay(
+                Path(overlay), Path(record["base"]), self.layout.disk(instance_id)
+            )
+
     async def start(self, instance_id: str) -> InstanceReport:
         async with self._lock(instance_id):
             record = await self._require_async(instance_id)
