@@ -7,6 +7,7 @@ import asyncio
 import base64
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,7 @@ async def test_guest_exec_speaks_the_control_protocol(tmp_path: Path) -> None:
 
     async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         line = (await reader.readline()).decode()
-        begin = line.split(";")[0].split()[1]
+        begin = re.search(r"echo (\S+);", line).group(1)  # type: ignore[union-attr]
         writer.write(f"stale\n{begin}\nline one\nno newline FV-DONE 3\n".encode())
         await writer.drain()
         writer.close()
