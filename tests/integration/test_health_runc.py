@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import struct
 import subprocess
 import time
 import uuid
@@ -28,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runc_support import DirectoryRootfs, runc_missing
 
 from fleetvisor.agent.health import HealthSupervisor
 from fleetvisor.clock import RealClock
-from fleetvisor.drivers.runc import PrerequisiteMissing, RuncDriver, check_prerequisites
+from fleetvisor.drivers.runc import RuncDriver
 from fleetvisor.model.health import Detection, Issue
 from fleetvisor.model.specs import InstanceSpec, ResourceVector
 
@@ -39,47 +39,13 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 BUSY = "trap 'exit 0' TERM; while :; do :; done"
 
 
-def _is_static(binary: str) -> bool:
-    with open(binary, "rb") as f:
-        head = f.read(8192)
-    if head[:4] != b"\x7fELF" or head[4] != 2:
-        return False
-    phoff = struct.unpack_from("<Q", head, 0x20)[0]
-    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-    return all(struct.unpack_from("<I", head, phoff + i * phentsize)[0] != 3 for i in range(phnum))
-
-
-def _missing_part() -> str | None:
-    if os.geteuid() != 0:
-        return "execution monitoring on runc needs root (runc, cgroups, network namespaces)"
-    try:
-        check_prerequisites()
-    except PrerequisiteMissing as exc:
-        return str(exc)
-    busybox = shutil.which("busybox")
-    if busybox is None or not _is_static(busybox):
-        return "a static busybox is needed for the test rootfs: apt-get install busybox-static"
-    return None
-
-
-MISSING = _missing_part()
+MISSING = runc_missing("execution monitoring on runc")
 if MISSING:
     print(f"\nskipping execution monitoring tests on runc: {MISSING}")
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
 ]
-
-
-class DirectoryRootfs:
-    def __init__(self, layer: Path) -> None:
-        self.layer = layer
-
-    async def layers(self, image: str) -> list[Path]:
-        return [self.layer]
-
-    async def config(self, image: str) -> dict[str, Any]:
-        return {"Env": ["PATH=/bin"], "Cmd": ["sh"]}
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +227,7 @@ async def host(tmp_path: Path, busybox_rootfs: Path) -> AsyncIterator[Host]:
         state_dir=tmp_path / "agent",
         agent_id=secrets.token_hex(3),
         subnet=_free_subnet(),
-        rootfs=DirectoryRootfs(busybox_rootfs),
+        rootfs=DirectoryRootfs(busybox_rootfs, {"Env": ["PATH=/bin"], "Cmd": ["sh"]}),
     )
     try:
         yield machine

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runc_support import DirectoryRootfs, runc_missing
 
 from fleetvisor.clock import RealClock
 from fleetvisor.drivers.base import Capability
-from fleetvisor.drivers.runc import PrerequisiteMissing, RuncDriver, check_prerequisites
+from fleetvisor.drivers.runc import RuncDriver
 from fleetvisor.drivers.runc.criu import find_criu
 from fleetvisor.drivers.runc.criu_floor import raw_criu_roundtrip
 from fleetvisor.drivers.runc.driver import checkpoint_missing
@@ -40,19 +41,12 @@ from fleetvisor.model.specs import InstanceSpec, ResourceVector
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MEM_MB = 100
+MEMCOUNTER_CONFIG = {"Env": ["PATH=/bin"], "Entrypoint": ["/bin/memcounter"]}
 TICK_MS = 50
 
 
 def _missing_part() -> str | None:
-    if os.geteuid() != 0:
-        return "checkpoint tests need root (mounts, cgroups, network namespaces, CRIU)"
-    try:
-        check_prerequisites()
-    except PrerequisiteMissing as exc:
-        return str(exc)
-    if shutil.which("busybox") is None:
-        return "busybox is needed for the test rootfs: apt-get install busybox-static"
-    return checkpoint_missing()
+    return runc_missing("the checkpoint tests") or checkpoint_missing()
 
 
 MISSING = _missing_part()
@@ -73,19 +67,6 @@ def memcounter() -> Path:
         if exc.missing_packages:  # only a missing tool skips; a compile error fails
             pytest.skip(str(exc))
         raise
-
-
-class DirectoryRootfs:
-    """A RootfsProvider over one prepared directory."""
-
-    def __init__(self, layer: Path) -> None:
-        self.layer = layer
-
-    async def layers(self, image: str) -> list[Path]:
-        return [self.layer]
-
-    async def config(self, image: str) -> dict[str, Any]:
-        return {"Env": ["PATH=/bin"], "Entrypoint": ["/bin/memcounter"]}
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +222,12 @@ def hosts(tmp_path: Path, rootfs: Path) -> Iterator[Callable[[], Host]]:
             raise AssertionError("no free 198.19.x.0/24 on this machine")
         taken.add(subnet)
         agent_id = secrets.token_hex(3)
-        host = Host(tmp_path / f"agent-{agent_id}", agent_id, subnet, DirectoryRootfs(rootfs))
+        host = Host(
+            tmp_path / f"agent-{agent_id}",
+            agent_id,
+            subnet,
+            DirectoryRootfs(rootfs, MEMCOUNTER_CONFIG),
+        )
         made.append(host)
         return host
 

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import struct
 import subprocess
 import time
 import uuid
@@ -24,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runc_support import DirectoryRootfs, runc_missing
 
 from fleetvisor.clock import RealClock
 from fleetvisor.drivers.base import UnknownInstance
-from fleetvisor.drivers.runc import PrerequisiteMissing, RuncDriver, check_prerequisites
+from fleetvisor.drivers.runc import RuncDriver
 from fleetvisor.errors import DriverError, InvalidInput
 from fleetvisor.model.resources import Resources
 from fleetvisor.model.specs import InstanceSpec, ResourceVector
@@ -37,51 +37,13 @@ MIB = 1024 * 1024
 TICK = "trap 'exit 0' TERM; while true; do echo tick; sleep 0.2; done"
 
 
-def _is_static(binary: str) -> bool:
-    """True when the ELF file has no PT_INTERP (no dynamic loader): it runs in any rootfs."""
-    with open(binary, "rb") as f:
-        head = f.read(8192)
-    if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit only; others: assume dynamic
-        return False
-    phoff = struct.unpack_from("<Q", head, 0x20)[0]
-    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-    return all(struct.unpack_from("<I", head, phoff + i * phentsize)[0] != 3 for i in range(phnum))
-
-
-def _missing_part() -> str | None:
-    if os.geteuid() != 0:
-        return "runc driver tests need root (mounts, cgroups, network namespaces)"
-    try:
-        check_prerequisites()
-    except PrerequisiteMissing as exc:
-        return str(exc)
-    busybox = shutil.which("busybox")
-    if busybox is None or not _is_static(busybox):
-        return "a static busybox is needed for the test rootfs: apt-get install busybox-static"
-    return None
-
-
-MISSING = _missing_part()
+MISSING = runc_missing("the runc driver tests")
 if MISSING:
     print(f"\nskipping runc driver tests: {MISSING}")
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
 ]
-
-
-class DirectoryRootfs:
-    """A RootfsProvider over one prepared directory (the real one reads the layer cache)."""
-
-    def __init__(self, layer: Path, config: dict[str, Any]) -> None:
-        self.layer = layer
-        self.image_config = config
-
-    async def layers(self, image: str) -> list[Path]:
-        return [self.layer]
-
-    async def config(self, image: str) -> dict[str, Any]:
-        return dict(self.image_config)
 
 
 @pytest.fixture(scope="module")

@@ -43,9 +43,6 @@ class Remedy(StrEnum):
     ALERT = "alert"  # an event only
 
 
-HOST_ISSUES = (Issue.PROBE_FAILED, Issue.CPU_THROTTLED, Issue.MEMORY_PRESSURE, Issue.OOM_KILLED,
-               Issue.RESTART_LOOP, Issue.NOISY_NEIGHBOUR, Issue.EXITED)  # fmt: skip
-
 DEFAULT_REMEDIES: dict[Issue, Remedy] = {
     Issue.PROBE_FAILED: Remedy.RESTART,
     Issue.EXITED: Remedy.RESTART,
